@@ -1,0 +1,1 @@
+"""ml_collections config files; pass one to train.py with --config=configs/NAME.py."""

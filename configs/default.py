@@ -1,0 +1,89 @@
+"""Every config key, with its default. Other config files change only what differs.
+
+Model keys are named as in Meta's reference `ModelArgs`. The defaults are LLaMA-7B
+trained as in the paper (Touvron et al. 2023, Table 2 and section 2.2).
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+
+  config.model = model = ml_collections.ConfigDict()
+  model.dim = 4096  # width of the residual stream
+  model.n_layers = 32  # transformer blocks
+  model.n_heads = 32  # query heads; head_dim = dim / n_heads
+  model.n_kv_heads = ml_collections.FieldReference(None, field_type=int)  # None: = n_heads
+  model.vocab_size = 32000  # must equal the tokenizer's vocabulary size
+  model.multiple_of = 256  # SwiGLU hidden size rounds up to a multiple of this
+  model.ffn_dim_multiplier = ml_collections.FieldReference(None, field_type=float)  # scales it
+  model.norm_eps = 1e-6  # RMSNorm epsilon
+  model.rope_theta = 10000.0  # rotary embedding base
+  model.max_seq_len = 2048  # longest sequence the model accepts
+  model.dtype = 'bfloat16'  # compute dtype: bfloat16 | float32 | float16 (params are float32)
+  model.attention = 'auto'  # auto | reference | dot_product | blockwise (llama_jax/attention.py)
+  model.remat = 'full'  # none | full | save_dots | save_attention (llama_jax/model.py)
+  model.scan_layers = True  # scan over stacked layers; False loops (debugging)
+
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = 1  # pure data parallelism (replicated parameters)
+  mesh.fsdp = -1  # data parallelism with sharded parameters and optimizer state; -1 = the rest
+  mesh.sequence = 1  # splits activations along the sequence
+  mesh.tensor = 1  # splits heads and the MLP width (Megatron-style)
+  # Logical axis -> mesh axes. Parameters use embed/heads/kv_heads/head_dim/mlp/vocab/layers;
+  # activations use batch/length/act_embed/act_heads/act_mlp/act_vocab.
+  mesh.rules = (
+      ('embed', 'fsdp'), ('heads', 'tensor'), ('kv_heads', 'tensor'), ('head_dim', None),
+      ('mlp', 'tensor'), ('vocab', 'tensor'), ('layers', None),
+      ('batch', ('data', 'fsdp')), ('length', 'sequence'), ('act_embed', None),
+      ('act_heads', 'tensor'), ('act_mlp', 'tensor'), ('act_vocab', 'tensor'),
+  )
+
+  config.train = train = ml_collections.ConfigDict()
+  train.steps = 250_000  # optimizer steps (paper 7B: 1T tokens / 4M tokens per step)
+  train.batch_size = 2048  # global batch in sequences (2048 x 2048 = 4M tokens)
+  train.seq_len = 2048  # tokens per sequence
+  train.microbatches = 1  # gradient accumulation: the batch is split and scanned
+  train.seed = 0  # parameter initialization and data order
+  train.z_loss = 0.0  # weight of the log(Z)^2 auxiliary loss; 0 disables it
+  train.eval_every = 1000  # steps between validation losses; 0 disables them
+  train.eval_batches = 10  # validation batches per evaluation
+  train.max_bad_steps = 10  # stop after this many consecutive non-finite losses
+
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.learning_rate = 3e-4  # peak learning rate
+  optim.warmup_steps = 2000  # linear warmup from 0
+  optim.end_lr_fraction = 0.1  # cosine decay ends at this fraction of the peak
+  optim.b1 = 0.9  # AdamW beta1
+  optim.b2 = 0.95  # AdamW beta2
+  optim.eps = 1e-8  # AdamW epsilon
+  optim.weight_decay = 0.1  # decoupled weight decay (never on norm scales)
+  optim.decay_embeddings = True  # also decay the embedding and output matrices
+  optim.clip_norm = 1.0  # global gradient-norm clipping
+
+  config.data = data = ml_collections.ConfigDict()
+  data.name = 'builtin_text'  # a TFDS name ('c4/en:3.1.0') or builtin_text (local text folder)
+  data.data_dir = '~/tensorflow_datasets'  # TFDS data dir: a local path or gs:// bucket
+  data.text_dir = ''  # builtin_text input folder of .txt/.jsonl/.py files; '' = Python stdlib
+  data.text_feature = 'text'  # the feature holding the document text
+  data.train_split = 'train'
+  data.eval_split = 'validation'
+  data.tokenizer = ''  # path to a sentencepiece .model; '' = train one on the train split
+  data.segment_mask = True  # keep attention inside each packed document
+  data.shuffle = True  # shuffle documents (reshuffled every epoch)
+  data.worker_count = 1  # grain worker processes per host; 0 = in the main process
+  data.prefetch = 4  # batches prepared ahead per worker
+
+  config.checkpoint = checkpoint = ml_collections.ConfigDict()
+  checkpoint.every_steps = 1000  # save every N steps (and at the end)
+  checkpoint.keep = 3  # keep the newest K checkpoints
+  checkpoint.keep_period = 0  # also keep every step divisible by this forever; 0 = none
+  checkpoint.async_save = True  # write in the background while training goes on
+
+  config.logging = logging = ml_collections.ConfigDict()
+  logging.every_steps = 10  # steps between metric rows
+  logging.cpu_peak_tflops = 1.0  # peak FLOP/s of one CPU device, for MFU on CPU (TFLOP/s)
+  logging.profile_start = -1  # first step of a jax.profiler trace; -1 = no trace
+  logging.profile_steps = 5  # steps traced
+  return config

@@ -1,0 +1,14 @@
+"""LLaMA-33B as in the paper's Table 2: dim 6656, 52 heads, 60 layers, lr 1.5e-4, 4M-token batch."""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model.dim = 6656
+  config.model.n_heads = 52
+  config.model.n_layers = 60
+  config.model.norm_eps = 1e-6
+  config.optim.learning_rate = 1.5e-4
+  config.train.steps = 350_000  # 1.4T tokens
+  return config

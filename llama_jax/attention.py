@@ -1,0 +1,209 @@
+"""Causal grouped-query attention behind one function, in several implementations.
+
+Shapes: q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim],
+with `heads` a multiple of `kv_heads`. Query i may see key j when j <= i + q_offset
+and, if segment ids are given, both carry the same segment id (packed documents).
+
+Implementations (config key `model.attention`):
+  reference    materializes the [q_len, kv_len] scores and mask; the yardstick for tests.
+  dot_product  `jax.nn.dot_product_attention`: XLA on CPU/TPU, cuDNN flash attention on GPU.
+  blockwise    memory-efficient pure JAX: an online softmax over key blocks, with a
+               hand-written backward pass, so no [q_len, kv_len] array exists in the forward
+               or the backward pass (the paper's "memory-optimized causal attention").
+  auto         dot_product on CPU and GPU, blockwise on TPU.
+"""
+
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ('auto', 'reference', 'dot_product', 'blockwise')
+
+# Finite stand-in for -inf: keeps exp() and max() free of NaNs for fully masked rows.
+_MASKED = -1e30
+
+
+def resolve_implementation(implementation: str, backend: str | None = None) -> str:
+  """Turns 'auto' into the default implementation for `backend` (the default backend)."""
+  if implementation != 'auto':
+    return implementation
+  backend = backend or jax.default_backend()
+  return 'blockwise' if backend == 'tpu' else 'dot_product'
+
+
+def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *,
+              implementation='reference', q_offset=0, block_size=512):
+  """Causal attention; returns [batch, q_len, heads, head_dim] in q's dtype."""
+  implementation = resolve_implementation(implementation)
+  if implementation == 'reference':
+    return reference_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset)
+  if implementation == 'dot_product':
+    return _dot_product_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset)
+  if implementation == 'blockwise':
+    if q.shape[1] != k.shape[1] or not (isinstance(q_offset, int) and q_offset == 0):
+      raise ValueError('blockwise attention needs self-attention (q_len == kv_len, q_offset 0).')
+    return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, block_size)
+  raise ValueError(f'unknown attention implementation {implementation!r}; '
+                   f'use one of {", ".join(IMPLEMENTATIONS)}.')
+
+
+def causal_mask(q_len, kv_len, q_offset=0, q_segment_ids=None, kv_segment_ids=None):
+  """Boolean mask [batch or 1, q_len, kv_len]: True where query i may see key j."""
+  q_index = jnp.arange(q_len)[:, None] + q_offset
+  kv_index = jnp.arange(kv_len)[None, :]
+  mask = (kv_index <= q_index)[None]
+  if q_segment_ids is not None:
+    mask = mask & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
+  return mask
+
+
+def reference_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_offset=0):
+  """Plain softmax(q k^T / sqrt(d) + mask) v with float32 scores."""
+  batch, q_len, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+  # scores: [batch, kv_heads, group, q_len, kv_len]
+  scores = jnp.einsum('bqkgh,bskh->bkgqs', q, k, preferred_element_type=jnp.float32)
+  scores = scores * head_dim**-0.5
+  mask = causal_mask(q_len, k.shape[1], q_offset, q_segment_ids, kv_segment_ids)
+  scores = jnp.where(mask[:, None, None], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum('bkgqs,bskh->bqkgh', probs, v)
+  return out.reshape(batch, q_len, heads, head_dim)
+
+
+def _dot_product_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset):
+  plain_causal = q_segment_ids is None and isinstance(q_offset, int) and q_offset == 0
+  if plain_causal and q.shape[1] == k.shape[1]:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  mask = causal_mask(q.shape[1], k.shape[1], q_offset, q_segment_ids, kv_segment_ids)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+
+
+# ---------------------------------------------------------------------------
+# Blockwise (flash) attention: online softmax forward, recomputing backward.
+# Internally queries are grouped per kv head: [batch, blocks, block, kv_heads, group, head_dim].
+
+
+def blockwise_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, block_size=512):
+  """Causal self-attention in O(length) memory; lengths need not divide the block size."""
+  batch, length, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  block = min(block_size, length)
+  n_blocks = -(-length // block)
+  pad = n_blocks * block - length
+  if q_segment_ids is None:
+    q_segment_ids = kv_segment_ids = jnp.zeros((batch, length), jnp.int32)
+  # Padded keys get segment -1 and padded queries -2: they never match anything real.
+  q_seg = jnp.pad(q_segment_ids, ((0, 0), (0, pad)), constant_values=-2)
+  kv_seg = jnp.pad(kv_segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+  pad_len = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  q = pad_len(q).reshape(batch, n_blocks, block, kv_heads, heads // kv_heads, head_dim)
+  k = pad_len(k).reshape(batch, n_blocks, block, kv_heads, head_dim)
+  v = pad_len(v).reshape(batch, n_blocks, block, kv_heads, head_dim)
+  q_seg = q_seg.reshape(batch, n_blocks, block)
+  kv_seg = kv_seg.reshape(batch, n_blocks, block)
+  out = _flash(q, k, v, q_seg, kv_seg)
+  return out.reshape(batch, n_blocks * block, heads, head_dim)[:, :length]
+
+
+def _block_mask(i, j, q_seg, kv_seg):
+  """[batch, 1, 1, block, block] mask between query block i and key block j."""
+  block = q_seg.shape[-1]
+  q_index = i * block + jnp.arange(block)[:, None]
+  kv_index = j * block + jnp.arange(block)[None, :]
+  mask = (kv_index <= q_index)[None] & (q_seg[:, :, None] == kv_seg[:, None, :])
+  return mask[:, None, None]
+
+
+def _block_probs(q_i, k_j, i, j, q_seg_i, kv_seg_j, lse_i):
+  """Recomputes the softmax probabilities [batch, kv_heads, group, block, block]."""
+  scores = jnp.einsum('bqkgh,bskh->bkgqs', q_i, k_j, preferred_element_type=jnp.float32)
+  scores = scores * q_i.shape[-1]**-0.5
+  mask = _block_mask(i, j, q_seg_i, kv_seg_j)
+  return jnp.where(mask, jnp.exp(scores - lse_i[..., None]), 0.0)
+
+
+@jax.custom_vjp
+def _flash(q, k, v, q_seg, kv_seg):
+  return _flash_forward(q, k, v, q_seg, kv_seg)[0]
+
+
+def _flash_forward(q, k, v, q_seg, kv_seg):
+  batch, n_blocks, block, kv_heads, group, head_dim = q.shape
+
+  def query_block(i):
+    q_i = q[:, i]  # [batch, block, kv_heads, group, head_dim]
+
+    def key_block(j, carry):
+      acc, row_max, row_sum = carry
+      scores = jnp.einsum('bqkgh,bskh->bkgqs', q_i, k[:, j],
+                          preferred_element_type=jnp.float32) * head_dim**-0.5
+      mask = _block_mask(i, j, q_seg[:, i], kv_seg[:, j])
+      scores = jnp.where(mask, scores, _MASKED)
+      new_max = jnp.maximum(row_max, scores.max(-1))
+      probs = jnp.where(mask, jnp.exp(scores - new_max[..., None]), 0.0)
+      correction = jnp.exp(row_max - new_max)
+      row_sum = row_sum * correction + probs.sum(-1)
+      acc = acc * correction[..., None] + jnp.einsum(
+          'bkgqs,bskh->bkgqh', probs.astype(v.dtype), v[:, j],
+          preferred_element_type=jnp.float32)
+      return acc, new_max, row_sum
+
+    stats_shape = (batch, kv_heads, group, block)
+    init = (jnp.zeros(stats_shape + (head_dim,), jnp.float32),
+            jnp.full(stats_shape, _MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32))
+    # Causal: query block i needs key blocks 0..i only.
+    acc, row_max, row_sum = jax.lax.fori_loop(0, i + 1, key_block, init)
+    out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]
+    # Rows that see no key at all (padding) get lse=+inf, so their probabilities are 0.
+    lse = jnp.where(row_sum > 0, row_max + jnp.log(row_sum), jnp.inf)
+    return out.transpose(0, 3, 1, 2, 4).astype(q.dtype), lse
+
+  out, lse = jax.lax.map(query_block, jnp.arange(n_blocks))
+  # out: [n_blocks, batch, block, kv_heads, group, head_dim] -> batch first.
+  out = jnp.moveaxis(out, 0, 1)
+  lse = jnp.moveaxis(lse, 0, 1)  # [batch, n_blocks, kv_heads, group, block]
+  return out, (q, k, v, q_seg, kv_seg, out, lse)
+
+
+def _flash_backward(residuals, d_out):
+  q, k, v, q_seg, kv_seg, out, lse = residuals
+  n_blocks, head_dim = q.shape[1], q.shape[-1]
+  scale = head_dim**-0.5
+  # delta_i = sum_h dO * O: [batch, n_blocks, kv_heads, group, block]
+  delta = jnp.einsum('bnqkgh,bnqkgh->bnkgq', d_out.astype(jnp.float32), out.astype(jnp.float32))
+
+  def grads_of_pair(i, j):
+    probs = _block_probs(q[:, i], k[:, j], i, j, q_seg[:, i], kv_seg[:, j], lse[:, i])
+    d_probs = jnp.einsum('bqkgh,bskh->bkgqs', d_out[:, i], v[:, j],
+                         preferred_element_type=jnp.float32)
+    d_scores = probs * (d_probs - delta[:, i][..., None]) * scale
+    return probs, d_scores
+
+  def query_grad(i):
+    def key_block(j, d_q):
+      _, d_scores = grads_of_pair(i, j)
+      return d_q + jnp.einsum('bkgqs,bskh->bqkgh', d_scores.astype(k.dtype), k[:, j],
+                              preferred_element_type=jnp.float32)
+    return jax.lax.fori_loop(0, i + 1, key_block, jnp.zeros(q[:, i].shape, jnp.float32))
+
+  def key_value_grad(j):
+    def query_block(i, carry):
+      d_k, d_v = carry
+      probs, d_scores = grads_of_pair(i, j)
+      d_v = d_v + jnp.einsum('bkgqs,bqkgh->bskh', probs.astype(d_out.dtype), d_out[:, i],
+                             preferred_element_type=jnp.float32)
+      d_k = d_k + jnp.einsum('bkgqs,bqkgh->bskh', d_scores.astype(q.dtype), q[:, i],
+                             preferred_element_type=jnp.float32)
+      return d_k, d_v
+    zeros = jnp.zeros(k[:, j].shape, jnp.float32)
+    return jax.lax.fori_loop(j, n_blocks, query_block, (zeros, zeros))
+
+  d_q = jnp.moveaxis(jax.lax.map(query_grad, jnp.arange(n_blocks)), 0, 1)
+  d_k, d_v = jax.lax.map(key_value_grad, jnp.arange(n_blocks))
+  d_k, d_v = jnp.moveaxis(d_k, 0, 1), jnp.moveaxis(d_v, 0, 1)
+  return (d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None, None)
+
+
+_flash.defvjp(_flash_forward, _flash_backward)

@@ -1,0 +1,302 @@
+"""The LLaMA transformer (Touvron et al. 2023) in Flax NNX.
+
+A pre-norm decoder: token embedding, then `n_layers` identical blocks
+
+    x = x + attention(rms_norm(x))      # rotary positions, grouped-query heads
+    x = x + swiglu(rms_norm(x))         # w2(silu(w1 x) * w3 x)
+
+then a final RMSNorm and an untied output projection to the vocabulary. No biases.
+
+Parameters are float32 and name their logical axes (`embed`, `heads`, `kv_heads`,
+`head_dim`, `mlp`, `vocab`, `layers`); `sharding.py` maps those names onto a device mesh.
+Activations run in the compute dtype; norm statistics, softmax and logits in float32.
+The blocks' parameters are stacked along a leading `layers` axis and run with
+`jax.lax.scan`, so compile time does not grow with depth.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from llama_jax import attention as attention_lib
+from llama_jax.errors import ConfigError
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+# Rematerialization policies: what the backward pass keeps instead of recomputing.
+REMAT_POLICIES = {
+    'none': None,  # no jax.checkpoint: keep every activation
+    'full': jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmuls
+    'save_attention': jax.checkpoint_policies.save_only_these_names(  # keep q, k, v, attention
+        'query', 'key', 'value', 'attention_out'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Model hyper-parameters, named as in Meta's reference `ModelArgs`."""
+  dim: int = 4096
+  n_layers: int = 32
+  n_heads: int = 32
+  n_kv_heads: int | None = None  # None: as many as n_heads (LLaMA 1)
+  vocab_size: int = 32000
+  multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+  ffn_dim_multiplier: float | None = None
+  norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  max_seq_len: int = 2048
+  dtype: str = 'bfloat16'  # compute dtype; parameters are always float32
+  attention: str = 'auto'  # see attention.py
+  remat: str = 'full'  # a key of REMAT_POLICIES
+  scan_layers: bool = True  # False: a Python loop over layers, for debugging
+
+  def __post_init__(self):
+    def check(ok, message):
+      if not ok:
+        raise ConfigError(message)
+    for key in ('dim', 'n_layers', 'n_heads', 'vocab_size', 'multiple_of', 'max_seq_len'):
+      check(getattr(self, key) > 0, f'model.{key} must be positive, got {getattr(self, key)}.')
+    check(self.dim % self.n_heads == 0,
+          f'model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads}).')
+    check(self.head_dim % 2 == 0,
+          f'model.dim / model.n_heads ({self.head_dim}) must be even for rotary embeddings.')
+    check(self.kv_heads > 0 and self.n_heads % self.kv_heads == 0,
+          f'model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads '
+          f'({self.n_kv_heads}).')
+    check(self.dtype in DTYPES,
+          f'model.dtype is {self.dtype!r}; use one of {", ".join(DTYPES)}.')
+    check(self.attention in attention_lib.IMPLEMENTATIONS,
+          f'model.attention is {self.attention!r}; use one of '
+          f'{", ".join(attention_lib.IMPLEMENTATIONS)}.')
+    check(self.remat in REMAT_POLICIES,
+          f'model.remat is {self.remat!r}; use one of {", ".join(REMAT_POLICIES)}.')
+
+  @classmethod
+  def from_config(cls, model_config) -> 'ModelConfig':
+    """Builds the dataclass from the `model` group of an ml_collections config."""
+    values = dict(model_config)
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ConfigError(f'unknown model config keys: {", ".join(sorted(unknown))}.')
+    return cls(**values)
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.n_heads
+
+  @property
+  def hidden_dim(self) -> int:
+    """SwiGLU width: 2/3 of 4*dim, scaled, rounded up to `multiple_of` (Meta's formula)."""
+    hidden = int(2 * (4 * self.dim) / 3)
+    if self.ffn_dim_multiplier is not None:
+      hidden = int(self.ffn_dim_multiplier * hidden)
+    return self.multiple_of * -(-hidden // self.multiple_of)
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+
+def _param(rngs, shape, axes, init=nnx.initializers.normal(0.02)):
+  """A float32 parameter annotated with its logical axis names."""
+  return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=axes,
+                   eager_sharding=False)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Keys and values of every layer for decoding, written at `index` onwards."""
+  k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+  v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+  segment_ids: jax.Array  # [batch, max_len]; 0 marks padding
+  index: jax.Array  # [] int32: number of positions written
+
+  @classmethod
+  def zeros(cls, config: ModelConfig, batch: int, max_len: int) -> 'KVCache':
+    shape = (config.n_layers, batch, max_len, config.kv_heads, config.head_dim)
+    return cls(jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype),
+               jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, with the statistics in float32."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.eps = config.norm_eps
+    self.scale = _param(rngs, (config.dim,), ('embed',), nnx.initializers.ones)
+
+  def __call__(self, x):  # x: [batch, length, embed]
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (normed * self.scale[...]).astype(x.dtype)
+
+
+def apply_rotary(x, positions, theta):
+  """Rotates each (i, i + head_dim/2) feature pair by position * theta^(-2i/head_dim).
+
+  x: [batch, length, heads, head_dim]; positions: [batch, length]. This is the
+  "rotate half" layout of Hugging Face; Meta's interleaved pairs differ by a
+  permutation of the query and key projections (see convert.py).
+  """
+  half = x.shape[-1] // 2
+  inverse_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [half]
+  angles = positions[..., None].astype(jnp.float32) * inverse_freq  # [batch, length, half]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with grouped key/value heads and rotary positions."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    dim, heads, kv_heads, head_dim = config.dim, config.n_heads, config.kv_heads, config.head_dim
+    self.wq = _param(rngs, (dim, heads, head_dim), ('embed', 'heads', 'head_dim'))
+    self.wk = _param(rngs, (dim, kv_heads, head_dim), ('embed', 'kv_heads', 'head_dim'))
+    self.wv = _param(rngs, (dim, kv_heads, head_dim), ('embed', 'kv_heads', 'head_dim'))
+    self.wo = _param(rngs, (heads, head_dim, dim), ('heads', 'head_dim', 'embed'))
+
+  def __call__(self, x, positions, segment_ids, cache=None):
+    """x: [batch, length, embed] -> [batch, length, embed] (and the updated cache)."""
+    config, dtype = self.config, self.config.compute_dtype
+    q = jnp.einsum('bte,enh->btnh', x, self.wq[...].astype(dtype))  # [batch, length, heads, head_dim]
+    k = jnp.einsum('bte,ekh->btkh', x, self.wk[...].astype(dtype))  # [batch, length, kv_heads, head_dim]
+    v = jnp.einsum('bte,ekh->btkh', x, self.wv[...].astype(dtype))
+    q = checkpoint_name(apply_rotary(q, positions, config.rope_theta), 'query')
+    k = checkpoint_name(apply_rotary(k, positions, config.rope_theta), 'key')
+    v = checkpoint_name(v, 'value')
+    if cache is None:
+      out = attention_lib.attention(q, k, v, segment_ids, segment_ids,
+                                    implementation=config.attention)
+    else:
+      cache_k, cache_v, cache_segment_ids, index = cache
+      k = jax.lax.dynamic_update_slice_in_dim(cache_k, k, index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache_v, v, index, axis=1)
+      out = attention_lib.reference_attention(q, k, v, segment_ids, cache_segment_ids, index)
+      cache = (k, v)
+    out = checkpoint_name(out, 'attention_out')
+    return jnp.einsum('btnh,nhe->bte', out, self.wo[...].astype(dtype)), cache
+
+
+class FeedForward(nnx.Module):
+  """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.dtype = config.compute_dtype
+    self.w1 = _param(rngs, (config.dim, config.hidden_dim), ('embed', 'mlp'))
+    self.w3 = _param(rngs, (config.dim, config.hidden_dim), ('embed', 'mlp'))
+    self.w2 = _param(rngs, (config.hidden_dim, config.dim), ('mlp', 'embed'))
+
+  def __call__(self, x):  # x: [batch, length, embed]
+    gate = jnp.einsum('bte,em->btm', x, self.w1[...].astype(self.dtype))  # [batch, length, mlp]
+    up = jnp.einsum('bte,em->btm', x, self.w3[...].astype(self.dtype))
+    return jnp.einsum('btm,me->bte', jax.nn.silu(gate) * up, self.w2[...].astype(self.dtype))
+
+
+class Block(nnx.Module):
+  """One pre-norm transformer layer."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.attention_norm = RMSNorm(config, rngs=rngs)
+    self.attention = Attention(config, rngs=rngs)
+    self.ffn_norm = RMSNorm(config, rngs=rngs)
+    self.feed_forward = FeedForward(config, rngs=rngs)
+
+  def __call__(self, x, positions, segment_ids, cache=None):
+    h, cache = self.attention(self.attention_norm(x), positions, segment_ids, cache)
+    x = x + h
+    return x + self.feed_forward(self.ffn_norm(x)), cache
+
+
+class Transformer(nnx.Module):
+  """LLaMA: tokens [batch, length] -> logits [batch, length, vocab] (float32)."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embedding = _param(rngs, (config.vocab_size, config.dim), ('vocab', 'embed'))
+
+    @nnx.split_rngs(splits=config.n_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def stacked_blocks(rngs):
+      return Block(config, rngs=rngs)
+
+    self.layers = stacked_blocks(rngs)  # every parameter gets a leading [layers] axis
+    self.norm = RMSNorm(config, rngs=rngs)
+    self.output = _param(rngs, (config.dim, config.vocab_size), ('embed', 'vocab'))
+
+  def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
+    """Returns (logits, cache).
+
+    tokens, positions, segment_ids: [batch, length] int. Positions default to
+    0..length-1 (after the cache's index when decoding). Segment ids, if given, keep
+    attention inside each packed document; 0 marks padding when decoding. With a
+    cache, keys and values are appended at `cache.index` and the new cache returned.
+    """
+    config = self.config
+    batch, length = tokens.shape
+    start = 0 if cache is None else cache.index
+    if cache is None and length > config.max_seq_len:
+      raise ConfigError(f'sequence length {length} exceeds model.max_seq_len '
+                        f'({config.max_seq_len}); raise model.max_seq_len or shorten the input.')
+    if positions is None:
+      positions = jnp.broadcast_to(start + jnp.arange(length), (batch, length))
+    x = self.embedding[...].astype(config.compute_dtype)[tokens]  # [batch, length, embed]
+
+    if cache is None:
+      layer_cache, block_segment_ids = None, segment_ids
+    else:
+      if segment_ids is None:
+        segment_ids = jnp.ones((batch, length), jnp.int32)
+      cache_segment_ids = jax.lax.dynamic_update_slice_in_dim(
+          cache.segment_ids, segment_ids, start, axis=1)
+      layer_cache, block_segment_ids = (cache.k, cache.v), segment_ids
+
+    x, new_kv = self._run_layers(x, positions, block_segment_ids, layer_cache,
+                                 None if cache is None else (cache_segment_ids, start))
+    x = self.norm(x)
+    logits = jnp.einsum('bte,ev->btv', x, self.output[...].astype(config.compute_dtype),
+                        preferred_element_type=jnp.float32)
+    if cache is not None:
+      cache = KVCache(new_kv[0], new_kv[1], cache_segment_ids, start + length)
+    return logits, cache
+
+  def _run_layers(self, x, positions, segment_ids, kv, cache_context):
+    """Applies the stacked blocks with lax.scan (or a loop), under the remat policy."""
+    graphdef, layer_params = nnx.split(self.layers)
+
+    def apply_block(x, params_and_kv):
+      params, kv = params_and_kv
+      block = nnx.merge(graphdef, params)
+      cache = None if kv is None else (*kv, *cache_context)
+      return block(x, positions, segment_ids, cache)
+
+    policy = REMAT_POLICIES[self.config.remat]
+    if self.config.remat != 'none':
+      apply_block = jax.checkpoint(apply_block, policy=policy,
+                                   prevent_cse=not self.config.scan_layers)
+    if self.config.scan_layers:
+      return jax.lax.scan(apply_block, x, (layer_params, kv))
+    new_kv = []
+    for i in range(self.config.n_layers):
+      x, kv_i = apply_block(x, jax.tree.map(lambda a: a[i], (layer_params, kv)))
+      new_kv.append(kv_i)
+    return x, (None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kv))
+
+
+def abstract_model(config: ModelConfig) -> Transformer:
+  """The model with shapes only (no memory): for parameter counts and shardings."""
+  return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+
+
+def count_params(model: Transformer) -> int:
+  return sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,32 @@
+"""llama_jax: LLaMA in JAX/Flax for TPU pod slices and GPUs."""
+
+import setuptools
+
+setuptools.setup(
+    name='llama_jax',
+    version='0.1.0',
+    description='LLaMA (Touvron et al. 2023) in JAX/Flax: sharded training, Orbax checkpoints, eval.',
+    packages=setuptools.find_packages(include=['llama_jax', 'llama_jax.*']),
+    python_requires='>=3.11',
+    install_requires=[
+        'jax>=0.10.2',
+        'flax>=0.12.8',
+        'optax>=0.2.8',
+        'orbax-checkpoint>=0.12.8',
+        'sentencepiece>=0.2.3',
+        'tensorflow-datasets>=4.9.10',
+        'importlib_resources>=6.0',  # imported by tensorflow-datasets without declaring it
+        'array_record>=0.8.1',  # tfds' ArrayRecord file format
+        'grain>=0.2.18',
+        'ml-collections>=1.1.0',
+        'absl-py>=2.3',
+        'numpy>=2.0',
+        'tqdm>=4.67',  # progress bar
+        'tensorboardX>=2.6.5',  # TensorBoard event files without TensorFlow
+    ],
+    extras_require={
+        'test': ['pytest>=8.0'],
+        'tpu': ['jax[tpu]>=0.10.2'],
+        'gpu': ['jax[cuda13]>=0.10.2'],
+    },
+)

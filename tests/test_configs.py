@@ -1,0 +1,57 @@
+"""The paper's configs: parameter counts (Table 2) by abstract evaluation, and config errors."""
+
+import importlib
+
+import pytest
+
+from llama_jax import model as model_lib
+from llama_jax.errors import ConfigError
+
+
+def model_config(name, **overrides):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  config.model.update(overrides)
+  return model_lib.ModelConfig.from_config(config.model)
+
+
+@pytest.mark.parametrize('name,params,hidden', [
+    ('llama_7b', 6_738_415_616, 11008),
+    ('llama_13b', 13_015_864_320, 13824),
+    ('llama_33b', 32_528_943_616, 17920),
+    ('llama_65b', 65_285_660_672, 22016),
+])
+def test_paper_parameter_counts(name, params, hidden):
+  config = model_config(name)
+  assert config.hidden_dim == hidden
+  assert model_lib.count_params(model_lib.abstract_model(config)) == params
+
+
+def test_tiny_and_small_sizes():
+  tiny = model_lib.count_params(model_lib.abstract_model(model_config('tiny')))
+  small = model_lib.count_params(model_lib.abstract_model(model_config('small')))
+  assert 1e6 < tiny < 10e6
+  assert 100e6 < small < 1.5e9
+
+
+@pytest.mark.parametrize('overrides,words', [
+    (dict(dim=100, n_heads=3), ['model.dim', 'model.n_heads']),
+    (dict(n_heads=32, n_kv_heads=5), ['model.n_kv_heads']),
+    (dict(attention='flash'), ['model.attention', 'blockwise']),
+    (dict(remat='some'), ['model.remat', 'save_dots']),
+    (dict(dtype='int8'), ['model.dtype', 'bfloat16']),
+    (dict(n_layers=0), ['model.n_layers']),
+])
+def test_bad_model_config_is_one_clear_sentence(overrides, words):
+  with pytest.raises(ConfigError) as error:
+    model_config('tiny', **overrides)
+  message = str(error.value)
+  assert all(word in message for word in words), message
+  assert '\n' not in message
+
+
+def test_unknown_model_key_is_named():
+  config = importlib.import_module('configs.tiny').get_config()
+  config.model.unlock()
+  config.model.n_layer = 3
+  with pytest.raises(ConfigError, match='n_layer'):
+    model_lib.ModelConfig.from_config(config.model)
