@@ -23,6 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax import attention as attention_lib
 from llama_jax.errors import ConfigError
+from llama_jax.sharding import constrain
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -175,6 +176,10 @@ class Attention(nnx.Module):
     q = checkpoint_name(apply_rotary(q, positions, config.rope_theta), 'query')
     k = checkpoint_name(apply_rotary(k, positions, config.rope_theta), 'key')
     v = checkpoint_name(v, 'value')
+    # Queries stay split along the sequence; keys and values are gathered across it.
+    q = constrain(q, ('batch', 'length', 'act_heads', None))
+    k = constrain(k, ('batch', None, 'act_heads', None))
+    v = constrain(v, ('batch', None, 'act_heads', None))
     if cache is None:
       out = attention_lib.attention(q, k, v, segment_ids, segment_ids,
                                     implementation=config.attention)
@@ -184,7 +189,7 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice_in_dim(cache_v, v, index, axis=1)
       out = attention_lib.reference_attention(q, k, v, segment_ids, cache_segment_ids, index)
       cache = (k, v)
-    out = checkpoint_name(out, 'attention_out')
+    out = checkpoint_name(constrain(out, ('batch', 'length', 'act_heads', None)), 'attention_out')
     return jnp.einsum('btnh,nhe->bte', out, self.wo[...].astype(dtype)), cache
 
 
@@ -200,7 +205,8 @@ class FeedForward(nnx.Module):
   def __call__(self, x):  # x: [batch, length, embed]
     gate = jnp.einsum('bte,em->btm', x, self.w1[...].astype(self.dtype))  # [batch, length, mlp]
     up = jnp.einsum('bte,em->btm', x, self.w3[...].astype(self.dtype))
-    return jnp.einsum('btm,me->bte', jax.nn.silu(gate) * up, self.w2[...].astype(self.dtype))
+    hidden = constrain(jax.nn.silu(gate) * up, ('batch', 'length', 'act_mlp'))
+    return jnp.einsum('btm,me->bte', hidden, self.w2[...].astype(self.dtype))
 
 
 class Block(nnx.Module):
@@ -215,7 +221,8 @@ class Block(nnx.Module):
   def __call__(self, x, positions, segment_ids, cache=None):
     h, cache = self.attention(self.attention_norm(x), positions, segment_ids, cache)
     x = x + h
-    return x + self.feed_forward(self.ffn_norm(x)), cache
+    x = x + self.feed_forward(self.ffn_norm(x))
+    return constrain(x, ('batch', 'length', 'act_embed')), cache
 
 
 class Transformer(nnx.Module):
@@ -251,6 +258,7 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(start + jnp.arange(length), (batch, length))
     x = self.embedding[...].astype(config.compute_dtype)[tokens]  # [batch, length, embed]
+    x = constrain(x, ('batch', 'length', 'act_embed'))
 
     if cache is None:
       layer_cache, block_segment_ids = None, segment_ids
@@ -266,6 +274,7 @@ class Transformer(nnx.Module):
     x = self.norm(x)
     logits = jnp.einsum('bte,ev->btv', x, self.output[...].astype(config.compute_dtype),
                         preferred_element_type=jnp.float32)
+    logits = constrain(logits, ('batch', 'length', 'act_vocab'))
     if cache is not None:
       cache = KVCache(new_kv[0], new_kv[1], cache_segment_ids, start + length)
     return logits, cache

@@ -1,0 +1,1 @@
+"""The input pipeline: TFDS sources, a sentencepiece tokenizer, packing, per-host loading."""

@@ -1,0 +1,137 @@
+"""Train state, the jitted train and eval steps, and the state's shardings.
+
+The train step is a pure function of (state, batch): forward in the compute dtype,
+next-token cross-entropy in float32 (weighted, so padding and document boundaries can
+be ignored), optional z-loss, gradients accumulated over microbatches with a scan,
+then the optax update. A step whose loss or gradient norm is not finite changes nothing
+and is counted instead.
+"""
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from llama_jax import model as model_lib
+from llama_jax import sharding as sharding_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # [] int32: optimizer steps taken
+  params: nnx.State  # float32 parameters, with logical axis names
+  opt_state: optax.OptState  # mirrors params
+  bad_steps: jax.Array  # [] int32: consecutive skipped (non-finite) steps
+  skipped_steps: jax.Array  # [] int32: all skipped steps
+
+
+def init_state(seed, *, model_config, optimizer) -> TrainState:
+  params = nnx.state(model_lib.Transformer(model_config, rngs=nnx.Rngs(jax.random.key(seed))),
+                     nnx.Param)
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(zero, params, optimizer.init(params), zero, zero)
+
+
+def abstract_state(model_config, optimizer) -> TrainState:
+  """The state's shapes and logical axes, with no memory used."""
+  return jax.eval_shape(functools.partial(init_state, model_config=model_config,
+                                          optimizer=optimizer), 0)
+
+
+def create_sharded_state(seed, model_config, optimizer, shardings) -> TrainState:
+  """Initializes the state directly into its shardings: never whole on one device."""
+  init = functools.partial(init_state, model_config=model_config, optimizer=optimizer)
+  return jax.jit(init, out_shardings=shardings)(seed)
+
+
+def graphdef_of(model_config):
+  return nnx.split(model_lib.abstract_model(model_config), nnx.Param)[0]
+
+
+def token_losses(params, graphdef, batch, z_loss: float, segment_mask: bool):
+  """Sum of weighted per-token losses, sum of weights, sum of weighted NLL."""
+  model = nnx.merge(graphdef, params)
+  if segment_mask:
+    logits, _ = model(batch['inputs'], batch['positions'], batch['segment_ids'])
+  else:
+    logits, _ = model(batch['inputs'])
+  # logits: [batch, length, vocab] float32
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logits = jnp.take_along_axis(logits, batch['targets'][..., None], axis=-1)[..., 0]
+  nll = log_z - target_logits
+  weights = batch['weights']
+  loss = nll + z_loss * jnp.square(log_z)
+  return jnp.sum(loss * weights), jnp.sum(weights), jnp.sum(nll * weights)
+
+
+def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: int,
+               z_loss: float, segment_mask: bool, learning_rate):
+  """One optimizer step on `batch` (dict of [batch, length] arrays); returns state, metrics."""
+
+  def loss_sum(params, micro):
+    loss, weight, nll = token_losses(params, graphdef, micro, z_loss, segment_mask)
+    return loss, (weight, nll)
+
+  def accumulate(carry, micro):
+    grads, weight, nll = carry
+    (_, (w, n)), g = jax.value_and_grad(loss_sum, has_aux=True)(state.params, micro)
+    return (jax.tree.map(jnp.add, grads, g), weight + w, nll + n), None
+
+  # Microbatch i takes rows i, i + k, i + 2k, ...: every microbatch spans all devices.
+  split = lambda x: x.reshape(x.shape[0] // microbatches, microbatches,
+                              *x.shape[1:]).swapaxes(0, 1)
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  (grads, weight, nll), _ = jax.lax.scan(
+      accumulate, (zeros, jnp.zeros(()), jnp.zeros(())), jax.tree.map(split, batch))
+  weight = jnp.maximum(weight, 1.0)
+  grads = jax.tree.map(lambda g: g / weight, grads)
+  loss = nll / weight
+  grad_norm = optax.tree.norm(grads)
+
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep_old = lambda new, old: jnp.where(finite, new, old)
+  new_state = TrainState(
+      step=state.step + 1,
+      params=jax.tree.map(keep_old, params, state.params),
+      opt_state=jax.tree.map(keep_old, opt_state, state.opt_state),
+      bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+  metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': learning_rate(state.step),
+             'skipped_steps': new_state.skipped_steps, 'bad_steps': new_state.bad_steps}
+  return new_state, metrics
+
+
+def eval_step(params, batch, *, graphdef, segment_mask: bool):
+  """Sum of NLL and of weights over the batch (to average over many batches)."""
+  _, weight, nll = token_losses(params, graphdef, batch, 0.0, segment_mask)
+  return nll, weight
+
+
+def jit_train_step(mesh, rules, state_shardings, *, graphdef, optimizer, learning_rate,
+                   microbatches, z_loss, segment_mask):
+  """The train step, jitted with the state's shardings and its buffers donated."""
+
+  def step(state, batch):
+    with sharding_lib.activation_sharding(mesh, rules):
+      return train_step(state, batch, graphdef=graphdef, optimizer=optimizer,
+                        microbatches=microbatches, z_loss=z_loss, segment_mask=segment_mask,
+                        learning_rate=learning_rate)
+
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def jit_eval_step(mesh, rules, params_shardings, *, graphdef, segment_mask):
+
+  def step(params, batch):
+    with sharding_lib.activation_sharding(mesh, rules):
+      return eval_step(params, batch, graphdef=graphdef, segment_mask=segment_mask)
+
+  return jax.jit(step, in_shardings=(params_shardings, sharding_lib.batch_sharding(mesh, rules)))
