@@ -55,6 +55,7 @@ def get_config():
   optim.learning_rate = 3e-4  # peak learning rate
   optim.warmup_steps = 2000  # linear warmup from 0
   optim.end_lr_fraction = 0.1  # cosine decay ends at this fraction of the peak
+  optim.decay_steps = 0  # steps of warmup + decay; 0 = train.steps (keep it fixed to extend a run)
   optim.b1 = 0.9  # AdamW beta1
   optim.b2 = 0.95  # AdamW beta2
   optim.eps = 1e-8  # AdamW epsilon

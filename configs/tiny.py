@@ -16,7 +16,7 @@ def get_config():
   config.model.multiple_of = 32
   config.model.max_seq_len = 256
 
-  config.train.steps = 500
+  config.train.steps = 300
   config.train.batch_size = 16
   config.train.seq_len = 256
   config.train.eval_every = 100

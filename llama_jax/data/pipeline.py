@@ -18,8 +18,9 @@ def _row_stream(documents, tokenizer, row, batch_size, seq_len):
   tokenized = documents[row::batch_size].map(
       lambda text: {'tokens': np.asarray(tokenizer_lib.encode_document(tokenizer, text),
                                          np.int32)})
-  return grain.experimental.ConcatThenSplitIterDataset(
-      tokenized.to_iter_dataset(), length_struct={'tokens': seq_len + 1})
+  # Rows read synchronously: one background thread prefetches whole batches instead.
+  rows = tokenized.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  return grain.experimental.ConcatThenSplitIterDataset(rows, length_struct={'tokens': seq_len + 1})
 
 
 def _to_batch(rows):
@@ -56,3 +57,13 @@ def batches(source, *, text_feature, tokenizer, batch_size, rows, seq_len, seed,
     dataset = grain.experimental.ThreadPrefetchIterDataset(dataset,
                                                            prefetch_buffer_size=prefetch)
   return dataset
+
+
+def row_states(iterator) -> list:
+  """The resume position of each of this host's rows (JSON-serializable)."""
+  return iterator.get_state()['parents']
+
+
+def set_row_states(iterator, states: list) -> None:
+  """Rewinds an iterator of `batches` to the given per-row positions."""
+  iterator.set_state({'parents': states})

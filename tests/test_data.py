@@ -1,0 +1,197 @@
+"""The input pipeline: the builtin TFDS dataset, tokenizer, packing, per-host rows, resume."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from llama_jax.data import builtin_text, pipeline, sources
+from llama_jax.data import tokenizer as tokenizer_lib
+from llama_jax.errors import UserError
+
+WORDS = ('alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu def return '
+         'class import for while 0 1 2 3 42 1999 café naïve 日本 語').split()
+
+
+def write_corpus(folder, n_files=60, seed=0):
+  rng = np.random.default_rng(seed)
+  for i in range(n_files):
+    sub = os.path.join(folder, f'pkg{i % 3}')
+    os.makedirs(sub, exist_ok=True)
+    text = '\n'.join(' '.join(rng.choice(WORDS, rng.integers(3, 12)))
+                     for _ in range(rng.integers(2, 30)))
+    with open(os.path.join(sub, f'file{i}.txt'), 'w', encoding='utf-8') as f:
+      f.write(text)
+  os.makedirs(os.path.join(folder, 'tests'))  # skipped, like the stdlib's test folders
+  with open(os.path.join(folder, 'tests', 'skipped.txt'), 'w') as f:
+    f.write('never read')
+  with open(os.path.join(folder, 'lines.jsonl'), 'w') as f:
+    for i in range(5):
+      f.write(json.dumps({'text': f'jsonl document {i}'}) + '\n')
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  text_dir = str(tmp_path_factory.mktemp('corpus'))
+  write_corpus(text_dir)
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  builder = sources.dataset_builder('builtin_text', data_dir, text_dir)
+  sources.prepare(builder)
+  train = sources.open_split(builder, 'train', 'text')
+  documents = [train[i]['text'].decode() for i in range(len(train))]
+  tokenizer = tokenizer_lib.train(documents, 400, os.path.join(data_dir, 'tok.model'))
+  return dict(text_dir=text_dir, data_dir=data_dir, builder=builder, train=train,
+              tokenizer=tokenizer, documents=documents)
+
+
+def split_texts(builder, split):
+  source = builder.as_data_source(split)
+  return sorted(source[i]['text'].decode() for i in range(len(source)))
+
+
+def test_builtin_splits_are_disjoint_stable_and_complete(corpus, tmp_path):
+  builder = corpus['builder']
+  train, validation = split_texts(builder, 'train'), split_texts(builder, 'validation')
+  assert train and validation and not set(train) & set(validation)
+  assert len(train) + len(validation) == 60 + 5  # 60 files, 5 jsonl lines, no test folder
+  assert 'never read' not in train + validation
+  rebuilt = sources.dataset_builder('builtin_text', str(tmp_path), corpus['text_dir'])
+  sources.prepare(rebuilt)
+  assert split_texts(rebuilt, 'train') == train
+  assert split_texts(rebuilt, 'validation') == validation
+
+
+def test_default_corpus_is_the_stdlib_without_tests():
+  files = builtin_text.text_files(builtin_text.stdlib_dir())
+  assert 'os.py' in files and 'json/decoder.py' in files
+  assert not any(part in ('test', 'tests') for f in files for part in f.split(os.sep))
+
+
+def test_tokenizer_round_trip(corpus):
+  tokenizer = corpus['tokenizer']
+  for text in ('naïve café 日本語 1999', 'def f(x):\n    return 42  # ✓ emoji 🙂'):
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+  assert tokenizer.vocab_size() == 400
+  assert (tokenizer.bos_id(), tokenizer.eos_id()) == (1, 2)
+  digits = [tokenizer.id_to_piece(t) for t in tokenizer.encode('1999')]
+  assert all(len(piece.strip('▁')) <= 1 for piece in digits)  # split digits
+
+
+def test_vocab_mismatch_is_a_clear_error(corpus):
+  with pytest.raises(UserError, match='model.vocab_size=400'):
+    tokenizer_lib.check_vocab(corpus['tokenizer'], 32000, 'tok.model')
+
+
+def test_missing_and_corrupt_tokenizer_files(tmp_path):
+  with pytest.raises(UserError, match='does not exist'):
+    tokenizer_lib.load(str(tmp_path / 'missing.model'))
+  (tmp_path / 'bad.model').write_bytes(b'not a model')
+  with pytest.raises(UserError, match='not a sentencepiece model'):
+    tokenizer_lib.load(str(tmp_path / 'bad.model'))
+
+
+def make_batches(corpus, rows, batch_size=4, seq_len=32, shuffle=True):
+  return pipeline.batches(corpus['train'], text_feature='text', tokenizer=corpus['tokenizer'],
+                          batch_size=batch_size, rows=rows, seq_len=seq_len, seed=3,
+                          shuffle=shuffle, prefetch=2)
+
+
+def test_packing_keeps_every_token_once_in_order(corpus):
+  """Row r of an unshuffled pipeline holds documents r, r + B, ... in order."""
+  tokenizer, documents = corpus['tokenizer'], corpus['documents']
+  batch_size, seq_len, steps = 2, 32, 30
+  iterator = iter(make_batches(corpus, range(batch_size), batch_size, seq_len, shuffle=False))
+  batches = [next(iterator) for _ in range(steps)]
+  for row in range(batch_size):
+    expected = np.concatenate([tokenizer_lib.encode_document(tokenizer, d)
+                               for d in documents[row::batch_size] * 3])
+    # Each packed row holds seq_len + 1 tokens; inputs drop the last, targets the first.
+    full = np.concatenate([np.append(b['inputs'][row], b['targets'][row][-1]) for b in batches])
+    np.testing.assert_array_equal(full, expected[:len(full)])
+    for b in batches:
+      np.testing.assert_array_equal(b['targets'][row][:-1], b['inputs'][row][1:])
+
+
+def test_segment_ids_positions_and_weights_at_boundaries(corpus):
+  batch = next(iter(make_batches(corpus, range(4), seq_len=256)))
+  bos = corpus['tokenizer'].bos_id()
+  boundaries = 0
+  for row in range(4):
+    inputs, segments = batch['inputs'][row], batch['segment_ids'][row]
+    positions, weights = batch['positions'][row], batch['weights'][row]
+    starts = np.flatnonzero(np.diff(segments)) + 1
+    assert all(inputs[s] == bos for s in starts)  # a new segment starts with BOS
+    assert all(positions[s] == 0 for s in starts) and positions[0] == 0
+    for t in range(1, len(inputs)):
+      if segments[t] == segments[t - 1]:
+        assert positions[t] == positions[t - 1] + 1
+    # A target outside its input's document is not learned.
+    np.testing.assert_array_equal(weights[:-1], segments[1:] == segments[:-1])
+    assert weights[starts - 1].sum() == 0
+    boundaries += len(starts)
+  assert boundaries > 0
+
+
+@pytest.mark.parametrize('hosts', [2, 4])
+def test_host_shards_union_is_the_global_batch(corpus, hosts):
+  batch_size = 8
+  whole = iter(make_batches(corpus, range(batch_size), batch_size))
+  per_host = [iter(make_batches(corpus, range(h * batch_size // hosts,
+                                              (h + 1) * batch_size // hosts), batch_size))
+              for h in range(hosts)]
+  for _ in range(5):
+    want = next(whole)
+    parts = [next(it) for it in per_host]
+    for key in want:
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), want[key])
+
+
+def test_resume_gives_the_batches_of_an_uninterrupted_run(corpus):
+  uninterrupted = iter(make_batches(corpus, range(4)))
+  want = [next(uninterrupted) for _ in range(10)][5:]
+  first = iter(make_batches(corpus, range(4)))
+  for _ in range(5):
+    next(first)
+  state = json.loads(json.dumps(first.get_state()))  # as it goes through a checkpoint
+  resumed = iter(make_batches(corpus, range(4)))
+  resumed.set_state(state)
+  for batch in want:
+    got = next(resumed)
+    for key in batch:
+      np.testing.assert_array_equal(got[key], batch[key])
+
+
+def test_epochs_reshuffle(corpus):
+  documents = len(corpus['documents'])
+  dataset = pipeline.batches(corpus['train'], text_feature='text', tokenizer=corpus['tokenizer'],
+                             batch_size=1, rows=range(1), seq_len=4096, seed=0, prefetch=0)
+  # One row, long sequences: the first token of each document appears in document order.
+  bos = corpus['tokenizer'].bos_id()
+  iterator = iter(dataset)
+  firsts = []
+  while len(firsts) < 2 * documents:
+    batch = next(iterator)
+    tokens = np.append(batch['inputs'][0], batch['targets'][0][-1])
+    starts = np.flatnonzero(tokens == bos)
+    firsts += [tuple(tokens[s + 1:s + 4]) for s in starts if s + 4 <= len(tokens)]
+  assert firsts[:documents // 2] != firsts[documents:documents + documents // 2]
+
+
+def test_bad_inputs_are_one_clear_sentence(corpus, tmp_path):
+  with pytest.raises(UserError, match='does not exist'):
+    sources.dataset_builder('c4/en:3.1.0', str(tmp_path / 'nowhere'))
+  with pytest.raises(UserError, match='TFDS knows no dataset'):
+    sources.dataset_builder('no_such_dataset_xyz', str(tmp_path))
+  with pytest.raises(UserError, match='tfds build mnist'):
+    sources.prepare(sources.dataset_builder('mnist', str(tmp_path)))
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  with pytest.raises(UserError, match='holds no'):
+    sources.prepare(sources.dataset_builder('builtin_text', str(tmp_path / 'd'), str(empty)))
+  with pytest.raises(UserError, match='is not a folder'):
+    sources.dataset_builder('builtin_text', str(tmp_path), str(tmp_path / 'missing'))
+  with pytest.raises(UserError, match="no feature 'content'"):
+    sources.open_split(corpus['builder'], 'train', 'content')
+  with pytest.raises(UserError, match="no split 'test'"):
+    sources.open_split(corpus['builder'], 'test', 'text')
