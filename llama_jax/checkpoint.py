@@ -1,26 +1,33 @@
-"""Orbax checkpoints: train state, data iterator position and config, saved asynchronously.
+"""Orbax checkpoints: parameters, optimizer state, data position and config, saved async.
 
-Layout of a workdir's `checkpoints/<step>/`: `state` (parameters, optimizer state, step;
-sharded array files), `data` (the position of every row of the global batch, gathered
-from all processes, so a run can resume on any number of hosts) and `config` (the run's
-config as JSON, so evaluation knows the model's shape).
+Layout of `<workdir>/checkpoints/<step>/`:
+  params       the float32 parameters (sharded array files; all that evaluation reads)
+  train_state  optimizer state, step and skipped-step counters
+  data         the position of every row of the global batch, gathered from all
+               processes, so a run resumes on any number of hosts
+  config       the run's config as JSON, so evaluation knows the model's shape
 """
 
 import json
+import os
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from llama_jax.errors import UserError
 
-def make_manager(directory: str, checkpoint_config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=checkpoint_config.keep,
-      keep_period=checkpoint_config.keep_period or None,
-      enable_async_checkpointing=checkpoint_config.async_save,
-      create=True)
-  handlers = {'state': ocp.StandardCheckpointHandler(),
+
+def make_manager(directory: str, checkpoint_config=None, read_only=False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only)
+  if checkpoint_config is not None:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=checkpoint_config.keep,
+        keep_period=checkpoint_config.keep_period or None,
+        enable_async_checkpointing=checkpoint_config.async_save, create=True)
+  handlers = {'params': ocp.StandardCheckpointHandler(),
+              'train_state': ocp.StandardCheckpointHandler(),
               'data': ocp.JsonCheckpointHandler(),
               'config': ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
@@ -39,26 +46,72 @@ def _gather_rows(first_row: int, states: list) -> list:
   return [state for _, row_states in ordered for state in row_states]
 
 
+def _train_state_without_params(state) -> dict:
+  return {'step': state.step, 'opt_state': state.opt_state, 'bad_steps': state.bad_steps,
+          'skipped_steps': state.skipped_steps}
+
+
 def save(manager, step: int, state, first_row: int, row_states: list, config_dict: dict):
   """Starts writing checkpoint `step` (in the background when async).
 
   row_states: this process's data positions, for the rows from `first_row` on.
   """
   manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
+      params=ocp.args.StandardSave(state.params),
+      train_state=ocp.args.StandardSave(_train_state_without_params(state)),
       data=ocp.args.JsonSave({'rows': _gather_rows(first_row, row_states)}),
       config=ocp.args.JsonSave(config_dict)))
 
 
-def saved_config(manager, step: int) -> dict:
-  return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+def save_params(directory: str, step: int, params, config_dict: dict) -> None:
+  """A parameters-only checkpoint (converted weights) that eval.py and fine-tuning load."""
+  with make_manager(directory) as manager:
+    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                               config=ocp.args.JsonSave(config_dict)))
+    manager.wait_until_finished()
+
+
+def _target(abstract, shardings):
+  return jax.tree.map(
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      abstract, shardings)
 
 
 def restore(manager, step: int, abstract_state, shardings):
   """Restores checkpoint `step` onto `shardings` (any mesh); returns (state, row states)."""
-  target = jax.tree.map(
-      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-      abstract_state, shardings)
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-  return restored.state, restored.data['rows']
+      params=ocp.args.StandardRestore(_target(abstract_state.params, shardings.params)),
+      train_state=ocp.args.StandardRestore(_target(
+          _train_state_without_params(abstract_state), _train_state_without_params(shardings))),
+      data=ocp.args.JsonRestore()))
+  state = abstract_state.replace(params=restored.params, **restored.train_state)
+  return state, restored.data['rows']
+
+
+def find_step(directory: str, step: int | None = None) -> int:
+  """The newest step in `directory`, or `step` if it exists; a clear error otherwise."""
+  if not os.path.isdir(directory):
+    raise UserError(f'no checkpoints in {directory}; give the --workdir of a train.py run '
+                    '(or a folder written by llama_jax.convert).')
+  with make_manager(directory, read_only=True) as manager:
+    steps = manager.all_steps()
+  if not steps:
+    raise UserError(f'no complete checkpoint in {directory}.')
+  if step is None:
+    return max(steps)
+  if step not in steps:
+    raise UserError(f'there is no checkpoint of step {step} in {directory}; it has steps '
+                    f'{", ".join(map(str, sorted(steps)))}.')
+  return step
+
+
+def saved_config(directory: str, step: int) -> dict:
+  with make_manager(directory, read_only=True) as manager:
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+
+def restore_params(directory: str, step: int, abstract_params, shardings):
+  """Only the parameters of checkpoint `step`, onto `shardings`; nothing else is read."""
+  with make_manager(directory, read_only=True) as manager:
+    return manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(_target(abstract_params, shardings)))).params

@@ -120,8 +120,8 @@ def _check_workdir(workdir: str) -> None:
                     'choose a writable --workdir.') from None
 
 
-def _check_checkpoint_matches(manager, step: int, model_config, workdir: str) -> None:
-  saved = checkpoint_lib.saved_config(manager, step)['model']
+def _check_checkpoint_matches(directory: str, step: int, model_config, workdir: str) -> None:
+  saved = checkpoint_lib.saved_config(directory, step)['model']
   current = dataclasses.asdict(model_config)
   different = [f'{k} {saved.get(k)} vs {current[k]}' for k in SHAPE_KEYS
                if saved.get(k) != current[k]]
@@ -159,13 +159,14 @@ def train(config, workdir: str) -> dict:
                             prefetch=config.data.prefetch)
 
   train_iterator = iter(data(train_source, config.data.shuffle))
-  manager = checkpoint_lib.make_manager(os.path.join(workdir, 'checkpoints'), config.checkpoint)
+  checkpoint_dir = os.path.join(workdir, 'checkpoints')
+  manager = checkpoint_lib.make_manager(checkpoint_dir, config.checkpoint)
   start = manager.latest_step()
   if start is None:
     state = train_lib.create_sharded_state(train_config.seed, model_config, optimizer, shardings)
     start = 0
   else:
-    _check_checkpoint_matches(manager, start, model_config, workdir)
+    _check_checkpoint_matches(checkpoint_dir, start, model_config, workdir)
     state, row_states = checkpoint_lib.restore(manager, start, abstract, shardings)
     pipeline.set_row_states(train_iterator, row_states[rows.start:rows.stop])
     _say(f'Resumed from step {start} of {workdir}')

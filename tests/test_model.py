@@ -158,3 +158,19 @@ def test_tiny_model_overfits_one_batch():
   for _ in range(150):
     loss = step(model, optimizer)
   assert float(loss) < 0.1
+
+
+@pytest.mark.parametrize('attention', ['reference', 'dot_product', 'blockwise'])
+def test_segment_mask_hides_the_previous_document(attention):
+  """Packed [doc A | doc B]: B's logits do not change when A does, and equal B alone."""
+  model = make_model(model_lib.ModelConfig(**{**CONFIG.__dict__, 'attention': attention}))
+  tokens = random_tokens((1, 14))
+  segment_ids = jnp.array([[1] * 6 + [2] * 8])
+  positions = jnp.array([list(range(6)) + list(range(8))])
+  logits, _ = model(tokens, positions, segment_ids)
+  altered = tokens.at[:, :6].set((tokens[:, :6] + 5) % CONFIG.vocab_size)
+  altered_logits, _ = model(altered, positions, segment_ids)
+  np.testing.assert_allclose(altered_logits[:, 6:], logits[:, 6:], atol=1e-5)
+  alone, _ = model(tokens[:, 6:])
+  np.testing.assert_allclose(logits[:, 6:], alone, atol=1e-5)
+  assert np.abs(altered_logits[:, :6] - logits[:, :6]).max() > 1e-3

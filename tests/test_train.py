@@ -55,8 +55,8 @@ def losses(workdir):
 
 def final_params(workdir, step):
   manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return jax.tree.leaves(restored.state['params'])
+  restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+  return jax.tree.leaves(restored.params)
 
 
 def test_loss_decreases_on_the_builtin_corpus(tmp_path):

@@ -45,7 +45,7 @@ def make_batch(batch=8, length=16, seed=0):
 def run_step(mesh_sizes, batch, microbatches=1, devices=None):
   mesh_config = ml_collections.ConfigDict(dict(zip(sharding_lib.MESH_AXES, mesh_sizes)))
   mesh = sharding_lib.make_mesh(mesh_config, devices)
-  optimizer = optim.make_optimizer(optim_config(), total_steps=10)
+  optimizer = optim.make_optimizer(optim_config(), train_steps=10)
   abstract = train_lib.abstract_state(MODEL, optimizer)
   shardings = sharding_lib.state_shardings(abstract, mesh, RULES)
   state = train_lib.create_sharded_state(0, MODEL, optimizer, shardings)
@@ -107,7 +107,7 @@ def test_loss_matches_naive_cross_entropy():
 
 def test_schedule_matches_formula():
   config = optim_config(learning_rate=3e-4, warmup_steps=2000)
-  schedule = optim.learning_rate_schedule(config, total_steps=100_000)
+  schedule = optim.learning_rate_schedule(config, train_steps=100_000)
   cosine = lambda t: 3e-5 + (3e-4 - 3e-5) * 0.5 * (1 + math.cos(math.pi * (t - 2000) / 98_000))
   assert float(schedule(0)) == 0.0
   assert float(schedule(1000)) == pytest.approx(1.5e-4, rel=1e-5)
@@ -119,7 +119,7 @@ def test_schedule_matches_formula():
 def test_weight_decay_spares_norm_scales():
   config = optim_config(learning_rate=1e-3, warmup_steps=0, weight_decay=0.5,
                         decay_embeddings=False)
-  optimizer = optim.make_optimizer(config, total_steps=10)
+  optimizer = optim.make_optimizer(config, train_steps=10)
   params = nnx.state(model_lib.Transformer(MODEL, rngs=nnx.Rngs(0)), nnx.Param)
   zero_grads = jax.tree.map(jnp.zeros_like, params)
   updates, _ = optimizer.update(zero_grads, optimizer.init(params), params)

@@ -1,0 +1,297 @@
+"""Weight conversion between Meta / Hugging Face LLaMA checkpoints and this project's Orbax.
+
+  python -m llama_jax.convert --source=hf --input=HF_DIR --output=OUT_DIR
+  python -m llama_jax.convert --source=meta --input=META_DIR --output=OUT_DIR
+  python -m llama_jax.convert --source=orbax --input=WORKDIR [--step=N] --output=HF_DIR
+
+The Orbax output is a parameters-only checkpoint in OUT_DIR/checkpoints/0 that eval.py
+reads (`--workdir=OUT_DIR`) and train.py fine-tunes (`--config.checkpoint.init_params`).
+Tensors are read one at a time into the stacked float32 arrays: the model is in host
+memory once. The input folder is only read.
+"""
+
+import glob
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+from llama_jax import checkpoint as checkpoint_lib
+from llama_jax import model as model_lib
+from llama_jax.errors import UserError
+
+# Our parameter (path in the stacked model) -> Hugging Face name, per layer where {i}.
+LAYER_NAMES = {
+    ('attention', 'wq'): 'self_attn.q_proj', ('attention', 'wk'): 'self_attn.k_proj',
+    ('attention', 'wv'): 'self_attn.v_proj', ('attention', 'wo'): 'self_attn.o_proj',
+    ('feed_forward', 'w1'): 'mlp.gate_proj', ('feed_forward', 'w3'): 'mlp.up_proj',
+    ('feed_forward', 'w2'): 'mlp.down_proj', ('attention_norm', 'scale'): 'input_layernorm',
+    ('ffn_norm', 'scale'): 'post_attention_layernorm',
+}
+# Meta's names for the same tensors, and the axis along which model-parallel shards split them.
+META_LAYER_NAMES = {
+    'self_attn.q_proj': ('attention.wq', 0), 'self_attn.k_proj': ('attention.wk', 0),
+    'self_attn.v_proj': ('attention.wv', 0), 'self_attn.o_proj': ('attention.wo', 1),
+    'mlp.gate_proj': ('feed_forward.w1', 0), 'mlp.up_proj': ('feed_forward.w3', 0),
+    'mlp.down_proj': ('feed_forward.w2', 1), 'input_layernorm': ('attention_norm', None),
+    'post_attention_layernorm': ('ffn_norm', None),
+}
+META_GLOBAL_NAMES = {'model.embed_tokens': ('tok_embeddings', 1), 'model.norm': ('norm', None),
+                     'lm_head': ('output', 0)}
+
+
+def _ffn_keys(dim: int, hidden: int) -> dict:
+  """multiple_of / ffn_dim_multiplier that make Meta's formula give `hidden` exactly."""
+  base = int(2 * 4 * dim / 3)
+  if hidden >= base:
+    return {'multiple_of': hidden, 'ffn_dim_multiplier': None}
+  return {'multiple_of': 1, 'ffn_dim_multiplier': (hidden + 0.5) / base}
+
+
+def model_config_from_hf(hf: dict) -> model_lib.ModelConfig:
+  if hf.get('model_type') != 'llama' or 'LlamaForCausalLM' not in (hf.get('architectures')
+                                                                    or ['LlamaForCausalLM']):
+    raise UserError(f'the Hugging Face model is {hf.get("architectures") or hf.get("model_type")}'
+                    ', not LlamaForCausalLM; only LLaMA checkpoints convert.')
+  rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+  if rope.get('rope_type', rope.get('type', 'default')) != 'default':
+    raise UserError(f'rope scaling {rope.get("rope_type", rope.get("type"))!r} is not '
+                    'supported; only the plain rotary embedding of LLaMA 1/2 converts.')
+  dim, heads = hf['hidden_size'], hf['num_attention_heads']
+  if hf.get('head_dim', dim // heads) != dim // heads or hf.get('attention_bias') or hf.get(
+      'mlp_bias'):
+    raise UserError('this LLaMA variant (head_dim != hidden_size / heads, or biases) is '
+                    'not supported.')
+  return model_lib.ModelConfig(
+      dim=dim, n_layers=hf['num_hidden_layers'], n_heads=heads,
+      n_kv_heads=hf.get('num_key_value_heads') or heads, vocab_size=hf['vocab_size'],
+      norm_eps=hf.get('rms_norm_eps', 1e-6),
+      rope_theta=float(hf.get('rope_theta') or rope.get('rope_theta', 10000.0)),
+      max_seq_len=hf.get('max_position_embeddings', 2048), dtype='float32',
+      **_ffn_keys(dim, hf['intermediate_size']))
+
+
+def hf_config_from_model(config: model_lib.ModelConfig) -> dict:
+  return {
+      'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
+      'hidden_size': config.dim, 'intermediate_size': config.hidden_dim,
+      'num_hidden_layers': config.n_layers, 'num_attention_heads': config.n_heads,
+      'num_key_value_heads': config.kv_heads, 'head_dim': config.head_dim,
+      'vocab_size': config.vocab_size, 'rms_norm_eps': config.norm_eps,
+      'rope_theta': config.rope_theta,
+      'rope_parameters': {'rope_type': 'default', 'rope_theta': config.rope_theta},
+      'max_position_embeddings': config.max_seq_len, 'hidden_act': 'silu',
+      'tie_word_embeddings': False, 'attention_bias': False, 'mlp_bias': False,
+      'bos_token_id': 1, 'eos_token_id': 2, 'torch_dtype': 'float32',
+  }
+
+
+def to_ours(name: str, tensor: np.ndarray, config: model_lib.ModelConfig) -> np.ndarray:
+  """A Hugging Face tensor ([out, in] matrices) in our layout."""
+  heads, kv_heads, head_dim, dim = config.n_heads, config.kv_heads, config.head_dim, config.dim
+  if name.endswith(('q_proj', 'k_proj', 'v_proj')):
+    n = heads if name.endswith('q_proj') else kv_heads
+    return tensor.T.reshape(dim, n, head_dim)
+  if name.endswith('o_proj'):
+    return tensor.T.reshape(heads, head_dim, dim)
+  if name.endswith(('gate_proj', 'up_proj', 'down_proj', 'lm_head')):
+    return tensor.T
+  return tensor  # embedding [vocab, embed] and norm scales
+
+
+def to_hf(name: str, array: np.ndarray) -> np.ndarray:
+  """The inverse of `to_ours`."""
+  if name.endswith(('q_proj', 'k_proj', 'v_proj')):
+    return array.reshape(array.shape[0], -1).T
+  if name.endswith('o_proj'):
+    return array.reshape(-1, array.shape[-1]).T
+  if name.endswith(('gate_proj', 'up_proj', 'down_proj', 'lm_head')):
+    return array.T
+  return array
+
+
+def hf_names(config: model_lib.ModelConfig):
+  """(our path, layer or None, Hugging Face name) for every tensor."""
+  yield ('embedding',), None, 'model.embed_tokens'
+  yield ('norm', 'scale'), None, 'model.norm'
+  yield ('output',), None, 'lm_head'
+  for i in range(config.n_layers):
+    for path, name in LAYER_NAMES.items():
+      yield ('layers', *path), i, f'model.layers.{i}.{name}'
+
+
+def _empty_params(config):
+  """Our parameter tree as uninitialized float32 numpy arrays (filled tensor by tensor)."""
+  params = nnx.state(model_lib.abstract_model(config), nnx.Param)
+  return params, jax.tree.map(lambda leaf: np.empty(leaf.shape, np.float32),
+                              params.to_pure_dict())
+
+
+def _fill(config, read_tensor) -> nnx.State:
+  params, arrays = _empty_params(config)
+  for path, layer, name in hf_names(config):
+    tensor = to_ours(name, np.asarray(read_tensor(name), np.float32), config)
+    target = arrays
+    for key in path[:-1]:
+      target = target[key]
+    destination = target[path[-1]] if layer is None else target[path[-1]][layer]
+    if destination.shape != tensor.shape:
+      raise UserError(f'tensor {name} has shape {tensor.shape}, expected {destination.shape}.')
+    destination[...] = tensor
+  params.replace_by_pure_dict(arrays)
+  return params
+
+
+def read_hf(folder: str):
+  """(model config, parameters) of a Hugging Face LlamaForCausalLM folder."""
+  from safetensors import safe_open
+  config_path = os.path.join(folder, 'config.json')
+  if not os.path.exists(config_path):
+    raise UserError(f'{folder} has no config.json; give a Hugging Face model folder.')
+  with open(config_path) as f:
+    hf = json.load(f)
+  config = model_config_from_hf(hf)
+  files = sorted(glob.glob(os.path.join(folder, '*.safetensors')))
+  if not files:
+    raise UserError(f'{folder} has no .safetensors files; save the model with '
+                    'save_pretrained(safe_serialization=True).')
+  where = {}
+  for path in files:
+    with safe_open(path, 'flax') as f:
+      where.update({key: path for key in f.keys()})
+
+  def read_tensor(name):
+    key = f'{name}.weight'
+    if key not in where and name == 'lm_head' and hf.get('tie_word_embeddings'):
+      key = 'model.embed_tokens.weight'
+    if key not in where:
+      raise UserError(f'tensor {key} is missing from {folder}.')
+    with safe_open(where[key], 'flax') as f:
+      return f.get_tensor(key)
+
+  return config, _fill(config, read_tensor)
+
+
+def _interleaved_to_rotate_half(tensor, heads):
+  """Meta pairs rotary features (2i, 2i+1); we pair (i, i + head_dim/2): permute rows."""
+  out_dim, in_dim = tensor.shape
+  return tensor.reshape(heads, out_dim // heads // 2, 2, in_dim).transpose(0, 2, 1, 3).reshape(
+      out_dim, in_dim)
+
+
+def read_meta(folder: str):
+  """(model config, parameters) of Meta's consolidated.*.pth shards + params.json."""
+  import torch
+  params_path = os.path.join(folder, 'params.json')
+  shard_paths = sorted(glob.glob(os.path.join(folder, 'consolidated.*.pth')))
+  if not os.path.exists(params_path) or not shard_paths:
+    raise UserError(f'{folder} is not a Meta checkpoint: it needs params.json and '
+                    'consolidated.*.pth files.')
+  with open(params_path) as f:
+    meta = json.load(f)
+  expected = [os.path.join(folder, f'consolidated.{i:02d}.pth') for i in range(len(shard_paths))]
+  if shard_paths != expected:
+    raise UserError(f'{folder} has shards {", ".join(map(os.path.basename, shard_paths))}; '
+                    'they must be numbered consolidated.00.pth upwards with none missing.')
+  shards = [torch.load(p, map_location='cpu', mmap=True, weights_only=True) for p in shard_paths]
+  vocab_size = meta.get('vocab_size', -1)
+  if vocab_size <= 0:
+    vocab_size = sum(s['tok_embeddings.weight'].shape[0] for s in shards[:1])
+  config = model_lib.ModelConfig(
+      dim=meta['dim'], n_layers=meta['n_layers'], n_heads=meta['n_heads'],
+      n_kv_heads=meta.get('n_kv_heads'), vocab_size=vocab_size,
+      multiple_of=meta.get('multiple_of', 256), ffn_dim_multiplier=meta.get('ffn_dim_multiplier'),
+      norm_eps=meta.get('norm_eps', 1e-5), rope_theta=float(meta.get('rope_theta', 10000.0)),
+      max_seq_len=meta.get('max_seq_len', 2048), dtype='float32')
+
+  def read_tensor(name):
+    if name.startswith('model.layers.'):
+      layer, hf_name = name[len('model.layers.'):].split('.', 1)
+      meta_name, axis = META_LAYER_NAMES[hf_name]
+      meta_name = f'layers.{layer}.{meta_name}'
+    else:
+      meta_name, axis = META_GLOBAL_NAMES[name]
+    key = f'{meta_name}.weight'
+    if any(key not in shard for shard in shards):
+      raise UserError(f'tensor {key} is missing from a shard in {folder}.')
+    pieces = [shard[key].float().numpy() for shard in shards]
+    tensor = pieces[0] if axis is None else np.concatenate(pieces, axis=axis)
+    if name.endswith('q_proj'):
+      tensor = _interleaved_to_rotate_half(tensor, config.n_heads)
+    elif name.endswith('k_proj'):
+      tensor = _interleaved_to_rotate_half(tensor, config.kv_heads)
+    return tensor
+
+  try:
+    return config, _fill(config, read_tensor)
+  except UserError as error:
+    raise UserError(f'{error} Are shards of {folder} missing?') from None
+
+
+def write_orbax(config: model_lib.ModelConfig, params, output: str) -> None:
+  """A parameters-only checkpoint in OUTPUT/checkpoints/0 with the model config."""
+  directory = os.path.join(output, 'checkpoints')
+  if os.path.exists(directory) and os.listdir(directory):
+    raise UserError(f'{directory} already holds checkpoints; choose an empty --output.')
+  model_dict = {k: v for k, v in config.__dict__.items()}
+  checkpoint_lib.save_params(directory, 0, params, {'model': model_dict})
+
+
+def read_orbax(workdir: str, step: int | None = None):
+  """(model config, parameters as numpy) of a train.py workdir or converted folder."""
+  directory = os.path.join(workdir, 'checkpoints')
+  step = checkpoint_lib.find_step(directory, step)
+  config = model_lib.ModelConfig.from_config(checkpoint_lib.saved_config(directory, step)['model'])
+  abstract = nnx.state(model_lib.abstract_model(config), nnx.Param)
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  params = checkpoint_lib.restore_params(directory, step, abstract,
+                                         jax.tree.map(lambda _: cpu, abstract))
+  return config, params
+
+
+def write_hf(config: model_lib.ModelConfig, params, output: str) -> None:
+  from safetensors.numpy import save_file
+  if os.path.exists(output) and os.listdir(output):
+    raise UserError(f'{output} is not empty; choose an empty --output.')
+  os.makedirs(output, exist_ok=True)
+  arrays = params.to_pure_dict()
+  tensors = {}
+  for path, layer, name in hf_names(config):
+    array = arrays
+    for key in path:
+      array = array[key]
+    array = np.asarray(array if layer is None else array[layer], np.float32)
+    tensors[f'{name}.weight'] = np.ascontiguousarray(to_hf(name, array))
+  save_file(tensors, os.path.join(output, 'model.safetensors'), metadata={'format': 'pt'})
+  with open(os.path.join(output, 'config.json'), 'w') as f:
+    json.dump(hf_config_from_model(config), f, indent=2)
+
+
+flags.DEFINE_enum('source', None, ['hf', 'meta', 'orbax'], 'What --input holds.')
+flags.DEFINE_string('input', None, 'The folder to convert (only read).')
+flags.DEFINE_string('output', None, 'An empty or new folder to write.')
+flags.DEFINE_integer('step', None, 'With --source=orbax: the step (default: the newest).')
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  FLAGS = flags.FLAGS
+  try:
+    if FLAGS.source == 'orbax':
+      write_hf(*read_orbax(FLAGS.input, FLAGS.step), FLAGS.output)
+    else:
+      read = read_hf if FLAGS.source == 'hf' else read_meta
+      write_orbax(*read(FLAGS.input), FLAGS.output)
+  except UserError as error:
+    sys.exit(f'error: {error}')
+  print(f'wrote {FLAGS.output}')
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['source', 'input', 'output'])
+  app.run(main)
