@@ -22,10 +22,14 @@ setuptools.setup(
         'absl-py>=2.3',
         'numpy>=2.0',
         'tqdm>=4.67',  # progress bar
+        'safetensors>=0.4',  # Hugging Face weights (llama_jax.convert)
         'tensorboardX>=2.6.5',  # TensorBoard event files without TensorFlow
     ],
     extras_require={
-        'test': ['pytest>=8.0'],
+        # torch: the CPU build that lies on this project's machines (a plain `torch`
+        # requirement pulls a multi-GB CUDA build); only tests and Meta conversion need it.
+        'test': ['pytest>=8.0', 'portpicker>=1.6', 'torch==2.13.0', 'transformers>=5.0'],
+        'meta': ['torch>=2.0'],  # reading Meta's consolidated.*.pth checkpoints
         'tpu': ['jax[tpu]>=0.10.2'],
         'gpu': ['jax[cuda13]>=0.10.2'],
     },

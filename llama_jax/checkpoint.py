@@ -19,8 +19,9 @@ from jax.experimental import multihost_utils
 from llama_jax.errors import UserError
 
 
-def make_manager(directory: str, checkpoint_config=None, read_only=False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only)
+def make_manager(directory: str, checkpoint_config=None) -> ocp.CheckpointManager:
+  """A manager that saves by `checkpoint_config`, or (None) one that only reads."""
+  options = ocp.CheckpointManagerOptions(create=False)
   if checkpoint_config is not None:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=checkpoint_config.keep,
@@ -65,7 +66,8 @@ def save(manager, step: int, state, first_row: int, row_states: list, config_dic
 
 def save_params(directory: str, step: int, params, config_dict: dict) -> None:
   """A parameters-only checkpoint (converted weights) that eval.py and fine-tuning load."""
-  with make_manager(directory) as manager:
+  options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+  with ocp.CheckpointManager(directory, options=options) as manager:
     manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                config=ocp.args.JsonSave(config_dict)))
     manager.wait_until_finished()
@@ -93,7 +95,7 @@ def find_step(directory: str, step: int | None = None) -> int:
   if not os.path.isdir(directory):
     raise UserError(f'no checkpoints in {directory}; give the --workdir of a train.py run '
                     '(or a folder written by llama_jax.convert).')
-  with make_manager(directory, read_only=True) as manager:
+  with make_manager(directory) as manager:
     steps = manager.all_steps()
   if not steps:
     raise UserError(f'no complete checkpoint in {directory}.')
@@ -106,12 +108,12 @@ def find_step(directory: str, step: int | None = None) -> int:
 
 
 def saved_config(directory: str, step: int) -> dict:
-  with make_manager(directory, read_only=True) as manager:
+  with make_manager(directory) as manager:
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
 
 def restore_params(directory: str, step: int, abstract_params, shardings):
   """Only the parameters of checkpoint `step`, onto `shardings`; nothing else is read."""
-  with make_manager(directory, read_only=True) as manager:
+  with make_manager(directory) as manager:
     return manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_target(abstract_params, shardings)))).params

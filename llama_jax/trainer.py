@@ -108,6 +108,20 @@ def prepare_data(data_config, vocab_size: int):
   return train_source, eval_source, tokenizer
 
 
+def host_batches(config, source, tokenizer, rows: range, shuffle: bool):
+  """This process's rows of the global batches of `source` (a grain dataset)."""
+  return pipeline.batches(source, text_feature=config.data.text_feature, tokenizer=tokenizer,
+                          batch_size=config.train.batch_size, rows=rows,
+                          seq_len=config.train.seq_len, seed=config.train.seed,
+                          shuffle=shuffle, prefetch=config.data.prefetch)
+
+
+def global_batches(host_iterator, batch_sharding, batch_size: int, rows: range):
+  """Global jax.Array batches assembled from every process's rows."""
+  for host_batch in host_iterator:
+    yield sharding_lib.global_batch(host_batch, batch_sharding, batch_size, rows)
+
+
 def _check_workdir(workdir: str) -> None:
   path = epath.Path(workdir)
   try:
@@ -152,13 +166,7 @@ def train(config, workdir: str) -> dict:
   batch_size, seq_len = train_config.batch_size, train_config.seq_len
   rows = sharding_lib.rows_of_process(batch_sharding, batch_size)
 
-  def data(source, shuffle):
-    return pipeline.batches(source, text_feature=config.data.text_feature, tokenizer=tokenizer,
-                            batch_size=batch_size, rows=rows, seq_len=seq_len,
-                            seed=train_config.seed, shuffle=shuffle,
-                            prefetch=config.data.prefetch)
-
-  train_iterator = iter(data(train_source, config.data.shuffle))
+  train_iterator = iter(host_batches(config, train_source, tokenizer, rows, config.data.shuffle))
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
   manager = checkpoint_lib.make_manager(checkpoint_dir, config.checkpoint)
   start = manager.latest_step()
@@ -179,14 +187,14 @@ def train(config, workdir: str) -> dict:
   eval_fn = train_lib.jit_eval_step(mesh, rules, shardings.params, graphdef=graphdef,
                                     segment_mask=config.data.segment_mask)
 
-  def next_batch(iterator):
-    return sharding_lib.global_batch(next(iterator), batch_sharding, batch_size, rows)
+  train_batches = global_batches(train_iterator, batch_sharding, batch_size, rows)
 
   def evaluate():
-    iterator = iter(data(eval_source, shuffle=False))
+    eval_batches = global_batches(iter(host_batches(config, eval_source, tokenizer, rows, False)),
+                                  batch_sharding, batch_size, rows)
     nll, weight = 0.0, 0.0
     for _ in range(train_config.eval_batches):
-      batch_nll, batch_weight = eval_fn(state.params, next_batch(iterator))
+      batch_nll, batch_weight = eval_fn(state.params, next(eval_batches))
       nll, weight = nll + batch_nll, weight + batch_weight
     return float(nll / weight)
 
@@ -200,7 +208,7 @@ def train(config, workdir: str) -> dict:
   peak = metrics_lib.peak_flops_per_device(devices[0], config.logging.cpu_peak_tflops)
   flops_per_token = metrics_lib.flops_per_token(model_config, seq_len, n_params)
   writer = metrics_lib.MetricsWriter(workdir)
-  batch = next_batch(train_iterator)
+  batch = next(train_batches)
   compile_start = time.perf_counter()
   step_fn = step_fn.lower(state, batch).compile()
   _say(f'Compiled the train step in {time.perf_counter() - compile_start:.1f}s')
@@ -215,7 +223,7 @@ def train(config, workdir: str) -> dict:
       if step == profile_start:
         jax.profiler.start_trace(os.path.join(workdir, 'profile'))
       if step > start:
-        batch = next_batch(train_iterator)
+        batch = next(train_batches)
       state, metrics = step_fn(state, batch)
       interval_steps += 1
       done = step + 1

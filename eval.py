@@ -1,0 +1,99 @@
+"""Evaluates a checkpoint: `python eval.py --workdir=DIR [--step=N] [--config.a.b=v ...]`.
+
+With no other flag it reports loss, perplexity and bits per byte on the validation
+split; --prompt / --prompts_file generate text; --task scores a multiple-choice JSONL
+task. The model's shape comes from the checkpoint; --config.* overrides (mesh, data,
+batch size) apply on top of the config saved with it.
+"""
+
+import json
+import os
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from llama_jax import evaluate, generate, trainer
+from llama_jax import sharding as sharding_lib
+from llama_jax.errors import ConfigError, UserError
+
+config_flags.DEFINE_config_file('config', 'configs/default.py',
+                                'Only its --config.* overrides are used.')
+flags.DEFINE_string('workdir', None, 'A train.py workdir or a llama_jax.convert output.')
+flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
+flags.DEFINE_multi_string('prompt', [], 'A prompt to continue (repeatable).')
+flags.DEFINE_string('prompts_file', '', 'A text file with one prompt per line.')
+flags.DEFINE_string('task', '', 'A JSONL multiple-choice task: {"context", "choices", "label"}.')
+flags.DEFINE_integer('max_new_tokens', 64, 'Tokens generated per prompt.')
+flags.DEFINE_float('temperature', 0.0, 'Sampling temperature; 0 is greedy.')
+flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens; 0 = all.')
+flags.DEFINE_float('top_p', 1.0, 'Sample among the most likely tokens holding this mass.')
+flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+flags.DEFINE_bool('bfloat16', False, 'Restore the parameters in bfloat16 (half the memory).')
+FLAGS = flags.FLAGS
+
+
+def run():
+  overrides = config_flags.get_override_values(FLAGS['config'])
+  config, step = evaluate.load_config(FLAGS.workdir, FLAGS.step, overrides)
+  devices = jax.devices()
+  try:
+    sharding_lib.mesh_shape(config.mesh, len(devices))
+  except ConfigError:
+    if any(key.startswith('mesh.') for key in overrides):
+      raise
+    config.mesh.update(dict(data=1, fsdp=-1, sequence=1, tensor=1))  # the writer's mesh
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  model = evaluate.restore_model(FLAGS.workdir, step, config, mesh, FLAGS.bfloat16)
+  _, eval_source, tokenizer = trainer.prepare_data(config.data, config.model.vocab_size)
+  results = {'step': step}
+
+  prompts = list(FLAGS.prompt)
+  if FLAGS.prompts_file:
+    with open(FLAGS.prompts_file) as f:
+      prompts += [line.rstrip('\n') for line in f if line.strip()]
+  if prompts:
+    sampling = generate.Sampling(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k,
+                                 FLAGS.top_p)
+    ids = [[tokenizer.bos_id()] + tokenizer.encode(p) for p in prompts]
+    outputs = generate.generate(model, ids, sampling, tokenizer.eos_id(), FLAGS.seed)
+    results['generations'] = [{'prompt': p, 'completion': tokenizer.decode(o)}
+                              for p, o in zip(prompts, outputs)]
+    for row in results['generations']:
+      print(f'--- {row["prompt"]}\n{row["completion"]}')
+  if FLAGS.task:
+    results['task'] = evaluate.multiple_choice(model, tokenizer, evaluate.read_task(FLAGS.task))
+    print(f'{FLAGS.task}: accuracy {results["task"]["accuracy"]:.4f}, length-normalized '
+          f'{results["task"]["accuracy_norm"]:.4f} over {results["task"]["examples"]} examples')
+  if not prompts and not FLAGS.task:
+    rules = tuple(tuple(rule) for rule in config.mesh.rules)
+    batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+    batch_size = config.train.batch_size
+    rows = sharding_lib.rows_of_process(batch_sharding, batch_size)
+    host = iter(trainer.host_batches(config, eval_source, tokenizer, rows, shuffle=False))
+    batches = trainer.global_batches(host, batch_sharding, batch_size, rows)
+    results['perplexity'] = evaluate.perplexity(model, batches, config.train.eval_batches,
+                                                tokenizer)
+    print(f'{config.data.name}/{config.data.eval_split} at step {step}: ' + ', '.join(
+        f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
+        for k, v in results['perplexity'].items()))
+  if jax.process_index() == 0:
+    path = os.path.join(FLAGS.workdir, f'eval_step{step}.json')
+    with open(path, 'w') as f:
+      json.dump(results, f, indent=2)
+    print(f'wrote {path}')
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  try:
+    run()
+  except UserError as error:
+    sys.exit(f'error: {error}')
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('workdir')
+  app.run(main)
