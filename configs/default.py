@@ -81,6 +81,7 @@ def get_config():
   checkpoint.keep = 3  # keep the newest K checkpoints
   checkpoint.keep_period = 0  # also keep every step divisible by this forever; 0 = none
   checkpoint.async_save = True  # write in the background while training goes on
+  checkpoint.init_params = ''  # a workdir (or convert output) whose parameters start a new run
 
   config.logging = logging = ml_collections.ConfigDict()
   logging.every_steps = 10  # steps between metric rows

@@ -46,7 +46,7 @@ def restore_model(workdir: str, step: int, config, mesh, bfloat16: bool = False)
   directory = os.path.join(workdir, 'checkpoints')
   try:
     params = checkpoint_lib.restore_params(directory, step, abstract, shardings)
-  except (ValueError, FileNotFoundError, KeyError) as error:
+  except Exception as error:  # Orbax and TensorStore raise many kinds for a damaged file
     raise UserError(f'checkpoint {directory}/{step} cannot be read ({type(error).__name__}: '
                     f'{str(error)[:200]}); it may be incomplete or damaged.') from None
   return nnx.merge(train_lib.graphdef_of(model_config), params)

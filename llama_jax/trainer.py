@@ -20,6 +20,7 @@ from llama_jax import checkpoint as checkpoint_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax import model as model_lib
 from llama_jax import optim
+from llama_jax import preemption
 from llama_jax import sharding as sharding_lib
 from llama_jax import train_lib
 from llama_jax.data import pipeline, sources
@@ -140,9 +141,52 @@ def _check_checkpoint_matches(directory: str, step: int, model_config, workdir: 
   different = [f'{k} {saved.get(k)} vs {current[k]}' for k in SHAPE_KEYS
                if saved.get(k) != current[k]]
   if different:
-    raise UserError(f'the workdir {workdir} holds a checkpoint of a different model '
+    raise UserError(f'{workdir} holds a checkpoint of a different model '
                     f'({", ".join(different)}, saved vs now); use another --workdir or the '
                     'saved model config.')
+
+
+def _report_partial_checkpoints(checkpoint_dir: str) -> None:
+  if os.path.isdir(checkpoint_dir):
+    for name in sorted(os.listdir(checkpoint_dir)):
+      if 'orbax-checkpoint-tmp' in name:
+        _say(f'warning: ignoring the partially written checkpoint {checkpoint_dir}/{name}')
+
+
+def _restore_newest_readable(manager, checkpoint_dir, abstract, shardings):
+  """(step, state, row states) of the newest checkpoint that reads back; others set aside."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return (step, *checkpoint_lib.restore(manager, step, abstract, shardings))
+    except Exception as error:  # any failure to read: truncated, altered, missing files
+      aside = os.path.join(checkpoint_dir, f'{step}.unreadable')
+      _say(f'warning: checkpoint {checkpoint_dir}/{step} cannot be read ({type(error).__name__}'
+           f': {str(error)[:300]}); moved it to {aside} and trying the one before')
+      if jax.process_index() == 0:
+        os.rename(os.path.join(checkpoint_dir, str(step)), aside)
+      _sync(f'set aside checkpoint {step}')
+      manager.reload()
+  raise UserError(f'no checkpoint in {checkpoint_dir} can be read (they were moved to '
+                  '*.unreadable); move them elsewhere to start from scratch.')
+
+
+def _save(manager, checkpoint_dir, step, state, rows, train_iterator, config_dict) -> None:
+  try:
+    checkpoint_lib.save(manager, step, state, rows.start, pipeline.row_states(train_iterator),
+                        config_dict)
+  except Exception as error:  # a full disk, a vanished bucket: Orbax's error, one sentence
+    raise UserError(f'could not write checkpoint {step} to {checkpoint_dir} '
+                    f'({type(error).__name__}: {str(error)[:300]}); the earlier checkpoints '
+                    'are intact. Free space or fix the workdir, then run again.') from None
+
+
+def _wait_for_saves(manager, checkpoint_dir) -> None:
+  try:
+    manager.wait_until_finished()
+  except Exception as error:
+    raise UserError(f'could not finish writing a checkpoint to {checkpoint_dir} '
+                    f'({type(error).__name__}: {str(error)[:300]}); the earlier checkpoints '
+                    'are intact. Free space or fix the workdir, then run again.') from None
 
 
 def train(config, workdir: str) -> dict:
@@ -168,16 +212,25 @@ def train(config, workdir: str) -> dict:
 
   train_iterator = iter(host_batches(config, train_source, tokenizer, rows, config.data.shuffle))
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
+  _report_partial_checkpoints(checkpoint_dir)
   manager = checkpoint_lib.make_manager(checkpoint_dir, config.checkpoint)
   start = manager.latest_step()
-  if start is None:
-    state = train_lib.create_sharded_state(train_config.seed, model_config, optimizer, shardings)
-    start = 0
-  else:
+  if start is not None:
     _check_checkpoint_matches(checkpoint_dir, start, model_config, workdir)
-    state, row_states = checkpoint_lib.restore(manager, start, abstract, shardings)
+    start, state, row_states = _restore_newest_readable(manager, checkpoint_dir, abstract,
+                                                        shardings)
     pipeline.set_row_states(train_iterator, row_states[rows.start:rows.stop])
     _say(f'Resumed from step {start} of {workdir}')
+  else:
+    state = train_lib.create_sharded_state(train_config.seed, model_config, optimizer, shardings)
+    start = 0
+    if config.checkpoint.init_params:  # fine-tuning: someone else's parameters, a new optimizer
+      source = os.path.join(config.checkpoint.init_params, 'checkpoints')
+      source_step = checkpoint_lib.find_step(source)
+      _check_checkpoint_matches(source, source_step, model_config, config.checkpoint.init_params)
+      state = state.replace(params=checkpoint_lib.restore_params(
+          source, source_step, abstract.params, shardings.params))
+      _say(f'Initialized the parameters from {source}/{source_step}')
 
   graphdef = train_lib.graphdef_of(model_config)
   step_fn = train_lib.jit_train_step(
@@ -218,53 +271,63 @@ def train(config, workdir: str) -> dict:
   profile_start = config.logging.profile_start
   bar = tqdm.tqdm(initial=start, total=train_config.steps, disable=jax.process_index() != 0,
                   dynamic_ncols=True)
+  stop_request = preemption.StopRequest()
   try:
-    for step in range(start, train_config.steps):
-      if step == profile_start:
-        jax.profiler.start_trace(os.path.join(workdir, 'profile'))
-      if step > start:
-        batch = next(train_batches)
-      state, metrics = step_fn(state, batch)
-      interval_steps += 1
-      done = step + 1
-      if profile_start >= 0 and done == profile_start + config.logging.profile_steps:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
+    with stop_request:
+      for step in range(start, train_config.steps):
+        if step == profile_start:
+          jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+        if step > start:
+          batch = next(train_batches)
+        state, metrics = step_fn(state, batch)
+        interval_steps += 1
+        done = step + 1
+        if profile_start >= 0 and done == profile_start + config.logging.profile_steps:
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
 
-      if done % config.logging.every_steps == 0 or done == train_config.steps:
-        metrics = jax.device_get(metrics)
-        elapsed = time.perf_counter() - interval_start
-        tokens_per_s = interval_steps * batch_size * seq_len / elapsed
-        tflops = flops_per_token * tokens_per_s / len(devices) / 1e12
-        last = {'loss': float(metrics['loss']), 'lr': float(metrics['lr']),
-                'grad_norm': float(metrics['grad_norm']), 'tokens_per_s': tokens_per_s,
-                'tflops_per_device': tflops,
-                'mfu': tflops * 1e12 / peak if peak else float('nan'),
-                'skipped_steps': int(metrics['skipped_steps'])}
-        writer.write(done, last)
-        bar.set_postfix(loss=f'{last["loss"]:.3f}', lr=f'{last["lr"]:.2e}',
-                        gnorm=f'{last["grad_norm"]:.2f}', tok_s=f'{tokens_per_s:,.0f}',
-                        tflops=f'{tflops:.2f}', mfu=f'{last["mfu"]:.1%}')
-        if int(metrics['bad_steps']) >= train_config.max_bad_steps:
-          raise UserError(f'{int(metrics["bad_steps"])} consecutive steps had a non-finite '
-                          f'loss or gradient (up to step {done}); the last good checkpoint is '
-                          'kept. Lower optim.learning_rate or check the data.')
-        interval_start, interval_steps = time.perf_counter(), 0
+        logging_step = done % config.logging.every_steps == 0 or done == train_config.steps
+        if logging_step:
+          metrics = jax.device_get(metrics)
+          elapsed = time.perf_counter() - interval_start
+          tokens_per_s = interval_steps * batch_size * seq_len / elapsed
+          tflops = flops_per_token * tokens_per_s / len(devices) / 1e12
+          last = {'loss': float(metrics['loss']), 'lr': float(metrics['lr']),
+                  'grad_norm': float(metrics['grad_norm']), 'tokens_per_s': tokens_per_s,
+                  'tflops_per_device': tflops,
+                  'mfu': tflops * 1e12 / peak if peak else float('nan'),
+                  'skipped_steps': int(metrics['skipped_steps'])}
+          writer.write(done, last)
+          bar.set_postfix(loss=f'{last["loss"]:.3f}', lr=f'{last["lr"]:.2e}',
+                          gnorm=f'{last["grad_norm"]:.2f}', tok_s=f'{tokens_per_s:,.0f}',
+                          tflops=f'{tflops:.2f}', mfu=f'{last["mfu"]:.1%}',
+                          skipped=last['skipped_steps'])
+          if int(metrics['bad_steps']) >= train_config.max_bad_steps:
+            raise UserError(f'{int(metrics["bad_steps"])} consecutive steps had a non-finite '
+                            f'loss or gradient norm (up to step {done}); the last good '
+                            'checkpoint is kept. Lower optim.learning_rate or check the data.')
+          interval_start, interval_steps = time.perf_counter(), 0
 
-      if train_config.eval_every and (done % train_config.eval_every == 0
-                                      or done == train_config.steps):
-        last['eval_loss'] = evaluate()
-        writer.write(done, {'eval_loss': last['eval_loss']})
-        bar.write(f'step {done}: eval_loss {last["eval_loss"]:.4f}')
-        interval_start = time.perf_counter()
+        if train_config.eval_every and (done % train_config.eval_every == 0
+                                        or done == train_config.steps):
+          last['eval_loss'] = evaluate()
+          writer.write(done, {'eval_loss': last['eval_loss']})
+          bar.write(f'step {done}: eval_loss {last["eval_loss"]:.4f}')
+          interval_start = time.perf_counter()
 
-      if done % config.checkpoint.every_steps == 0 or done == train_config.steps:
-        checkpoint_lib.save(manager, done, state, rows.start,
-                            pipeline.row_states(train_iterator), config_dict)
-      bar.update(1)
+        stopping = stop_request.should_stop(logging_step)
+        if done % config.checkpoint.every_steps == 0 or done == train_config.steps or stopping:
+          _save(manager, checkpoint_dir, done, state, rows, train_iterator, config_dict)
+        bar.update(1)
+        if stopping:
+          _wait_for_saves(manager, checkpoint_dir)
+          bar.close()
+          _say(f'Stopped at step {done} with a checkpoint in {checkpoint_dir}; run the same '
+               'command to resume.')
+          break
+      _wait_for_saves(manager, checkpoint_dir)
   finally:
     bar.close()
-    manager.wait_until_finished()
     manager.close()
     writer.close()
   return last

@@ -151,6 +151,18 @@ def test_start_up_errors_are_clear_and_touch_nothing(text_dir, data_dir, tmp_pat
   before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
   config = small_config(text_dir, data_dir, **{'train.steps': 4})
   config.model.dim = 128
-  with pytest.raises(UserError, match='different model .dim 64 vs 128'):
+  with pytest.raises(UserError, match='holds a checkpoint of a different model .dim 64 vs 128'):
     trainer.train(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
+
+
+def test_init_params_starts_from_another_runs_parameters(text_dir, data_dir, tmp_path):
+  source, tuned = str(tmp_path / 'source'), str(tmp_path / 'tuned')
+  trainer.train(small_config(text_dir, data_dir, **{'train.steps': 3, 'train.eval_every': 0}),
+                source)
+  config = small_config(text_dir, data_dir, **{'train.steps': 1, 'train.eval_every': 0,
+                                               'train.seed': 5, 'optim.learning_rate': 0.0})
+  config.checkpoint.init_params = source
+  trainer.train(config, tuned)  # learning rate 0: the parameters pass through unchanged
+  for a, b in zip(final_params(tuned, 1), final_params(source, 3)):
+    np.testing.assert_array_equal(a, b)

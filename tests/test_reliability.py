@@ -1,0 +1,175 @@
+"""Fault injection: kill -9, SIGTERM, corrupt checkpoints, NaN batches, a full disk."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from llama_jax import evaluate, trainer
+from llama_jax.errors import UserError
+from test_data import write_corpus
+from test_train import REPO, final_params, losses, small_config
+
+
+@pytest.fixture(scope='module')
+def dirs(tmp_path_factory):
+  text_dir = str(tmp_path_factory.mktemp('corpus'))
+  write_corpus(text_dir, n_files=80)
+  return text_dir, str(tmp_path_factory.mktemp('tfds'))
+
+
+def command(dirs, workdir, steps=16, every=2):
+  text_dir, data_dir = dirs
+  overrides = dict(zip(['model.dim', 'model.n_layers', 'model.n_heads', 'model.vocab_size',
+                        'model.max_seq_len', 'model.dtype', 'train.steps', 'train.batch_size',
+                        'train.seq_len', 'train.eval_every', 'optim.warmup_steps',
+                        'optim.decay_steps', 'data.text_dir', 'data.data_dir',
+                        'checkpoint.every_steps', 'checkpoint.keep', 'logging.every_steps'],
+                       [64, 2, 4, 400, 64, 'float32', steps, 8, 32, 0, 5, 20, text_dir,
+                        data_dir, every, 3, 1]))
+  return [sys.executable, 'train.py', f'--workdir={workdir}',
+          *[f'--config.{k}={v}' for k, v in overrides.items()]]
+
+
+def start(dirs, workdir, **kw):
+  return subprocess.Popen(command(dirs, workdir, **kw), cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def logged_steps(workdir):
+  path = os.path.join(workdir, 'metrics.jsonl')
+  return len(open(path).readlines()) if os.path.exists(path) else 0
+
+
+def wait_for(condition, timeout=300):
+  deadline = time.time() + timeout
+  while not condition():
+    assert time.time() < deadline, 'timed out'
+    time.sleep(0.05)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(dirs, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('straight'))
+  done = subprocess.run(command(dirs, workdir), cwd=REPO, capture_output=True, text=True)
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+  return workdir
+
+
+def test_kill_9_at_random_moments_loses_nothing(dirs, uninterrupted, tmp_path):
+  workdir, rng = str(tmp_path / 'killed'), np.random.default_rng(0)
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  for attempt in range(3):
+    process = start(dirs, workdir)
+    if attempt == 0:  # in the middle of writing a checkpoint
+      wait_for(lambda: os.path.isdir(checkpoints) and any(
+          'orbax-checkpoint-tmp' in name for name in os.listdir(checkpoints)))
+    else:  # a few steps after start-up, wherever the run is then
+      first = logged_steps(workdir)
+      wait_for(lambda: logged_steps(workdir) >= first + int(rng.integers(1, 5)))
+    process.kill()
+    process.wait()
+  finished = subprocess.run(command(dirs, workdir), cwd=REPO, capture_output=True, text=True)
+  assert finished.returncode == 0, finished.stdout[-3000:]
+  for got, want in zip(final_params(workdir, 16), final_params(uninterrupted, 16)):
+    np.testing.assert_array_equal(got, want)  # bitwise: same CPU, same mesh
+  assert sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit()) == [12, 14, 16]
+
+
+def test_sigterm_saves_exits_0_and_resumes_the_same_curve(dirs, uninterrupted, tmp_path):
+  workdir = str(tmp_path / 'preempted')
+  process = start(dirs, workdir)
+  wait_for(lambda: logged_steps(workdir) >= 5)
+  process.send_signal(signal.SIGTERM)
+  output = process.communicate(timeout=300)[0]
+  assert process.returncode == 0, output[-3000:]
+  stopped = max(losses(workdir))
+  assert f'Stopped at step {stopped}' in output and 'run the same command to resume' in output
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(stopped)))
+  resumed = subprocess.run(command(dirs, workdir), cwd=REPO, capture_output=True, text=True)
+  assert resumed.returncode == 0
+  want = losses(uninterrupted)
+  assert losses(workdir) == {s: want[s] for s in losses(workdir)}  # bitwise, every step
+  assert max(losses(workdir)) == 16
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_one(dirs, tmp_path, capsys):
+  config = small_config(*dirs, **{'train.steps': 4, 'checkpoint.every_steps': 2,
+                                  'train.eval_every': 0})
+  workdir = str(tmp_path / 'run')
+  trainer.train(config, workdir)
+  params_dir = os.path.join(workdir, 'checkpoints', '4', 'params')
+  files = [os.path.join(root, f) for root, _, names in os.walk(params_dir) for f in names]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, 'r+b') as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+
+  eval_config, _ = evaluate.load_config(workdir, 4, {})
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1),
+                           ('data', 'fsdp', 'sequence', 'tensor'))
+  with pytest.raises(UserError, match='checkpoints/4 cannot be read'):
+    evaluate.restore_model(workdir, 4, eval_config, mesh)
+
+  capsys.readouterr()
+  config.train.steps = 6
+  trainer.train(config, workdir)
+  output = capsys.readouterr().out
+  assert 'checkpoints/4 cannot be read' in output and 'Resumed from step 2' in output
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4.unreadable'))  # kept, set aside
+  assert max(losses(workdir)) == 6
+
+
+def inject_nan(monkeypatch, bad_steps):
+  real = trainer.global_batches
+
+  def with_nan(*args):
+    for step, batch in enumerate(real(*args), 1):
+      if step in bad_steps:
+        batch = dict(batch, weights=batch['weights'] * np.nan)
+      yield batch
+
+  monkeypatch.setattr(trainer, 'global_batches', with_nan)
+
+
+def test_a_nan_batch_is_skipped(dirs, tmp_path, monkeypatch):
+  inject_nan(monkeypatch, {3})
+  workdir = str(tmp_path / 'nan')
+  last = trainer.train(small_config(*dirs, **{'train.steps': 6, 'train.eval_every': 0}), workdir)
+  assert last['skipped_steps'] == 1 and np.isfinite(last['loss'])
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert [r['skipped_steps'] for r in rows] == [0, 0, 1, 1, 1, 1]
+
+
+def test_nan_every_batch_stops_and_keeps_the_good_checkpoint(dirs, tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'nan')
+  config = small_config(*dirs, **{'train.steps': 2, 'train.eval_every': 0})
+  trainer.train(config, workdir)
+  good = final_params(workdir, 2)
+  inject_nan(monkeypatch, set(range(100)))
+  config.train.update(dict(steps=10, max_bad_steps=3))
+  config.checkpoint.every_steps = 1
+  with pytest.raises(UserError, match='3 consecutive steps had a non-finite loss'):
+    trainer.train(config, workdir)
+  for got, want in zip(final_params(workdir, 2), good):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(dirs, tmp_path):
+  workdir = tmp_path / 'small_disk'
+  workdir.mkdir()
+  # A 3 MB filesystem: room for the first checkpoint (about 1.9 MB), not for the second.
+  subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', str(workdir)], check=True)
+  try:
+    config = small_config(*dirs, **{'train.steps': 8, 'checkpoint.every_steps': 4,
+                                    'train.eval_every': 0})
+    with pytest.raises(UserError, match='checkpoint .*the earlier checkpoints are intact'):
+      trainer.train(config, str(workdir))
+    assert len(final_params(str(workdir), 4)) == 12
+  finally:
+    subprocess.run(['umount', str(workdir)], check=True)
