@@ -32,7 +32,7 @@ def main(argv):
   config = FLAGS.config
   devices = jax.devices()
   sizes = dict(zip(sharding_lib.MESH_AXES, sharding_lib.mesh_shape(config.mesh, len(devices))))
-  model_config = trainer.validate(config, sizes)
+  model_config = trainer.validate(config, sizes, devices[0].platform)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   rules = tuple(tuple(rule) for rule in config.mesh.rules)
   optimizer = optim.make_optimizer(config.optim, config.train.steps)

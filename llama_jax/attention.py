@@ -10,14 +10,18 @@ Implementations (config key `model.attention`):
   blockwise    memory-efficient pure JAX: an online softmax over key blocks, with a
                hand-written backward pass, so no [q_len, kv_len] array exists in the forward
                or the backward pass (the paper's "memory-optimized causal attention").
-  auto         dot_product on CPU and GPU, blockwise on TPU.
+  splash       the Pallas TPU kernel (splash attention), run per device with shard_map over
+               batch and heads; lengths a multiple of 128. TPU only.
+  auto         dot_product on CPU and GPU, splash on TPU.
 """
 
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ('auto', 'reference', 'dot_product', 'blockwise')
+from llama_jax import sharding as sharding_lib
+
+IMPLEMENTATIONS = ('auto', 'reference', 'dot_product', 'blockwise', 'splash')
 
 # Finite stand-in for -inf: keeps exp() and max() free of NaNs for fully masked rows.
 _MASKED = -1e30
@@ -28,7 +32,7 @@ def resolve_implementation(implementation: str, backend: str | None = None) -> s
   if implementation != 'auto':
     return implementation
   backend = backend or jax.default_backend()
-  return 'blockwise' if backend == 'tpu' else 'dot_product'
+  return 'splash' if backend == 'tpu' else 'dot_product'
 
 
 def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *,
@@ -43,6 +47,8 @@ def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *,
     if q.shape[1] != k.shape[1] or not (isinstance(q_offset, int) and q_offset == 0):
       raise ValueError('blockwise attention needs self-attention (q_len == kv_len, q_offset 0).')
     return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, block_size)
+  if implementation == 'splash':
+    return splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
   raise ValueError(f'unknown attention implementation {implementation!r}; '
                    f'use one of {", ".join(IMPLEMENTATIONS)}.')
 
@@ -207,3 +213,46 @@ def _flash_backward(residuals, d_out):
 
 
 _flash.defvjp(_flash_forward, _flash_backward)
+
+
+# ---------------------------------------------------------------------------
+# Splash attention: the Pallas TPU kernel, one call per device.
+
+
+def _splash_kernel(heads: int, length: int):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+  block = min(512, length)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
+  mask = masks.MultiHeadMask([masks.CausalMask((length, length)) for _ in range(heads)])
+  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1), splash
+
+
+def splash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None):
+  """Causal self-attention with the splash kernel; shard_map over batch and heads on a mesh."""
+  length, head_dim = q.shape[1], q.shape[-1]
+  if length % 128:
+    raise ValueError(f'splash attention needs a length that is a multiple of 128, not {length}.')
+  if q_segment_ids is None:
+    q_segment_ids = kv_segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+
+  def per_device(q, k, v, q_segment_ids, kv_segment_ids):
+    # The kernel takes [heads, length, head_dim] per sequence and does not scale q.
+    kernel, splash = _splash_kernel(q.shape[2], length)
+    to_heads_first = lambda x: x.transpose(0, 2, 1, 3)
+    segments = splash.SegmentIds(q=q_segment_ids, kv=kv_segment_ids)
+    out = jax.vmap(kernel)(to_heads_first(q * head_dim**-0.5), to_heads_first(k),
+                           to_heads_first(v), segment_ids=segments)
+    return to_heads_first(out)
+
+  mesh_and_rules = sharding_lib.current_mesh_and_rules()
+  if mesh_and_rules is None:
+    return per_device(q, k, v, q_segment_ids, kv_segment_ids)
+  mesh, rules = mesh_and_rules
+  # Whole sequences per device (gathered if the sequence axis splits them), heads split.
+  heads = sharding_lib.logical_to_mesh(('batch', None, 'act_heads', None), rules)
+  segments = sharding_lib.logical_to_mesh(('batch', None), rules)
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(heads, heads, heads, segments, segments),
+                       out_specs=heads, check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)

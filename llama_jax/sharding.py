@@ -8,6 +8,7 @@ The model names the axes of every parameter and activation (`embed`, `heads`, `b
 import math
 
 import jax
+from jax.experimental import mesh_utils
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -41,11 +42,23 @@ def mesh_shape(mesh_config, device_count: int) -> tuple[int, ...]:
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
-  """A mesh over `devices` (all by default) laid out for the physical topology, auto axes."""
+  """A mesh over `devices` (all by default) laid out for the physical topology, auto axes.
+
+  Across several TPU slices (multi-slice) the `data` axis spans the slices, so only
+  data-parallel gradient reductions cross the slower data-center network.
+  """
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4,
-                       devices=devices)
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  slices = len({getattr(device, 'slice_index', 0) for device in devices})
+  if slices == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  if shape[0] % slices:
+    raise ConfigError(f'mesh.data ({shape[0]}) must be a multiple of the {slices} slices: '
+                      'data parallelism is what runs across slices.')
+  in_slice = (shape[0] // slices, *shape[1:])
+  device_array = mesh_utils.create_hybrid_device_mesh(in_slice, (slices, 1, 1, 1), devices)
+  return jax.sharding.Mesh(device_array, MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_mesh(logical_axes, rules) -> PartitionSpec:
@@ -85,6 +98,11 @@ class activation_sharding:
   def __exit__(self, *exc):
     global _context
     _context = self.saved
+
+
+def current_mesh_and_rules():
+  """(mesh, rules) inside `activation_sharding`, else None."""
+  return _context
 
 
 def constrain(x, logical_axes):

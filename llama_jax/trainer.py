@@ -16,6 +16,7 @@ import tqdm
 from etils import epath
 from jax.experimental import multihost_utils
 
+from llama_jax import attention as attention_lib
 from llama_jax import checkpoint as checkpoint_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax import model as model_lib
@@ -32,9 +33,14 @@ SHAPE_KEYS = ('dim', 'n_layers', 'n_heads', 'n_kv_heads', 'vocab_size', 'multipl
               'ffn_dim_multiplier')
 
 
-def validate(config, mesh_sizes: dict) -> model_lib.ModelConfig:
-  """Checks the keys that must agree with each other; returns the model config."""
+def validate(config, mesh_sizes: dict, platform: str) -> model_lib.ModelConfig:
+  """Checks the keys that must agree with each other; returns the model config.
+
+  Its `auto` attention is resolved for `platform` (the devices the step compiles for).
+  """
   model_config = model_lib.ModelConfig.from_config(config.model)
+  model_config = dataclasses.replace(model_config, attention=attention_lib.resolve_implementation(
+      model_config.attention, platform))
   train = config.train
 
   def check(ok, message):
@@ -193,7 +199,7 @@ def train(config, workdir: str) -> dict:
   """Runs (or resumes) training; returns the last logged metrics."""
   devices = jax.devices()
   sizes = dict(zip(sharding_lib.MESH_AXES, sharding_lib.mesh_shape(config.mesh, len(devices))))
-  model_config = validate(config, sizes)
+  model_config = validate(config, sizes, devices[0].platform)
   _check_workdir(workdir)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   rules = tuple(tuple(rule) for rule in config.mesh.rules)
@@ -254,8 +260,7 @@ def train(config, workdir: str) -> dict:
   _say(str(config))
   _say(f'mesh: {dict(mesh.shape)} over {len(devices)} {devices[0].device_kind} devices, '
        f'{jax.process_count()} process(es)')
-  _say(f'model: {n_params:,} parameters; attention '
-       f'{model_lib.attention_lib.resolve_implementation(model_config.attention)}')
+  _say(f'model: {n_params:,} parameters; attention {model_config.attention}')
 
   config_dict = config.to_dict()
   peak = metrics_lib.peak_flops_per_device(devices[0], config.logging.cpu_peak_tflops)

@@ -1,0 +1,194 @@
+"""Does a config fit a TPU slice? Compiles the real train step for a TPU topology, on any host.
+
+  python -m llama_jax.aot --config=configs/llama_7b.py --topology=v5p-128 [--slices=2] \
+      [--assumed_mfu=0.5] [--tokens=1e12] [--config.model.remat=full ...]
+
+Needs libtpu (`pip install -e '.[tpu]'`), not a TPU. Builds shape-only train state and
+batch with their shardings on a mesh of the topology's devices, lowers and compiles the
+same jitted step that train.py runs, and prints the per-chip memory XLA's TPU compiler
+reports against the chip's HBM, the model FLOPs per step and, from an assumed MFU, the
+step time and days to train. Exits 1 when the step does not fit.
+"""
+
+import dataclasses
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from llama_jax import metrics as metrics_lib
+from llama_jax import model as model_lib
+from llama_jax import optim, train_lib, trainer
+from llama_jax import sharding as sharding_lib
+from llama_jax.errors import ConfigError, UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  generation: str  # as libtpu names it
+  hbm_bytes: int
+  peak_flops: float  # dense bfloat16
+  cores_per_chip_in_name: int  # v4-8 and v5p-8 count TensorCores: 2 per chip
+  dims: int  # torus dimensions
+  chip_config: str = 'default'
+
+
+CHIPS = {
+    'v4': Chip('v4', 32 * 2**30, 275e12, 2, 3, 'megacore'),
+    'v5p': Chip('v5p', 95 * 2**30, 459e12, 2, 3),
+    'v5e': Chip('v5e', 16 * 2**30, 197e12, 1, 2),
+    'v5litepod': Chip('v5e', 16 * 2**30, 197e12, 1, 2),
+    'v6e': Chip('v6e', 32 * 2**30, 918e12, 1, 2),
+}
+
+
+# Slice shapes by chip count: 3D tori for v4/v5p, 2D for v5e/v6e.
+SHAPES = {
+    3: {4: '2x2x1', 8: '2x2x2', 16: '2x2x4', 32: '2x4x4', 64: '4x4x4', 128: '4x4x8',
+        256: '4x8x8', 512: '8x8x8'},
+    2: {1: '1x1', 4: '2x2', 8: '2x4', 16: '4x4', 32: '4x8', 64: '8x8', 128: '8x16',
+        256: '16x16'},
+}
+
+
+def parse_topology(name: str) -> tuple[Chip, int, str]:
+  """'v5p-128' -> (chip, 64 chips, 'v5p:4x4x4'), with Cloud TPU's counting rules."""
+  match = re.fullmatch(r'(v4|v5p|v5e|v5litepod|v6e)-(\d+)', name)
+  if not match:
+    raise UserError(f'unknown topology {name!r}; use a Cloud TPU name such as v4-8..v4-1024, '
+                    'v5p-8..v5p-1024, v5e-1..v5e-256 (or v5litepod-N), v6e-1..v6e-256.')
+  family, count = match.group(1), int(match.group(2))
+  chip = CHIPS[family]
+  chips = count // chip.cores_per_chip_in_name
+  shapes = SHAPES[chip.dims]
+  if count % chip.cores_per_chip_in_name or chips not in shapes:
+    sizes = ', '.join(str(c * chip.cores_per_chip_in_name) for c in shapes)
+    raise UserError(f'{name} is not a slice size; {family}-N takes N in {sizes}.')
+  return chip, chips, f'{chip.generation}:{shapes[chips]}'
+
+
+def topology_devices(name: str, slices: int = 1):
+  """The TPU devices of `slices` slices of topology `name` (compile-only, no TPU needed)."""
+  chip, chips, topology_name = parse_topology(name)
+  dims = [int(d) for d in topology_name.split(':')[1].split('x')]
+  host_bounds = tuple(min(2, d) for d in dims) + (1,) * (3 - len(dims))  # up to 2x2 chips a host
+  try:
+    from jax.experimental import topologies
+    topology = topologies.get_topology_desc(
+        platform='tpu', topology_name=topology_name, chip_config_name=chip.chip_config,
+        chips_per_host_bounds=host_bounds, num_slices=slices)
+  except Exception as error:  # libtpu missing or refusing: say which extra brings it
+    raise UserError(f'cannot describe TPU topology {topology_name} ({str(error)[:200]}); '
+                    "install libtpu with `pip install -e '.[tpu]'`.") from None
+  return chip, topology.devices
+
+
+def compile_train_step(config, devices):
+  """(compiled step, model config, n_params, mesh) of train.py's step on `devices`."""
+  sizes = dict(zip(sharding_lib.MESH_AXES, sharding_lib.mesh_shape(config.mesh, len(devices))))
+  model_config = trainer.validate(config, sizes, devices[0].platform)
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  rules = tuple(tuple(rule) for rule in config.mesh.rules)
+  optimizer = optim.make_optimizer(config.optim, config.train.steps)
+  abstract = train_lib.abstract_state(model_config, optimizer)
+  shardings = sharding_lib.state_shardings(abstract, mesh, rules)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       abstract, shardings)
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+  shape = (config.train.batch_size, config.train.seq_len)
+  batch = {key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == 'weights' else jnp.int32,
+                                     sharding=batch_sharding)
+           for key in ('inputs', 'targets', 'segment_ids', 'positions', 'weights')}
+  step = train_lib.jit_train_step(
+      mesh, rules, shardings, graphdef=train_lib.graphdef_of(model_config), optimizer=optimizer,
+      learning_rate=optim.learning_rate_schedule(config.optim, config.train.steps),
+      microbatches=config.train.microbatches, z_loss=config.train.z_loss,
+      segment_mask=config.data.segment_mask)
+  compiled = step.lower(state, batch).compile()
+  n_params = model_lib.count_params(model_lib.abstract_model(model_config))
+  return compiled, model_config, n_params, mesh
+
+
+def memory_per_chip(compiled) -> dict:
+  """Bytes per chip XLA allocates for the step: arguments, temporaries, outputs, total."""
+  analysis = compiled.memory_analysis()
+  memory = {'arguments': analysis.argument_size_in_bytes,
+            'temporaries': analysis.temp_size_in_bytes,
+            'outputs': analysis.output_size_in_bytes,
+            'aliased': analysis.alias_size_in_bytes,  # outputs written over donated arguments
+            'code': analysis.generated_code_size_in_bytes}
+  memory['total'] = (memory['arguments'] + memory['temporaries'] + memory['outputs']
+                     - memory['aliased'] + memory['code'])
+  return memory
+
+
+flags.DEFINE_string('topology', None, 'A Cloud TPU slice name: v4-8, v5p-128, v5e-16, v6e-64...')
+flags.DEFINE_integer('slices', 1, 'Slices joined over the data-center network (multi-slice).')
+flags.DEFINE_float('assumed_mfu', 0.5, 'MFU assumed for the time estimates (not measured).')
+flags.DEFINE_float('tokens', 1e12, 'Training tokens, for the days estimate.')
+config_flags.DEFINE_config_file('config', 'configs/llama_7b.py', 'Config file.')
+FLAGS = flags.FLAGS
+
+GIB = 2**30
+_SUGGESTIONS = ('to fit: model.remat=full, a larger mesh.fsdp (or mesh.tensor), more '
+                'train.microbatches, or a bigger slice.')
+
+
+def report(config, topology: str, slices: int, assumed_mfu: float, tokens: float) -> bool:
+  """Compiles, prints the figures, and returns whether the step fits in HBM."""
+  chip, devices = topology_devices(topology, slices)
+  start = time.perf_counter()
+  try:
+    compiled, model_config, n_params, mesh = compile_train_step(config, devices)
+  except Exception as error:  # XLA's TPU compiler refuses a step that cannot fit in HBM
+    message = str(error)
+    if 'RESOURCE_EXHAUSTED' not in message and 'out of memory' not in message.lower():
+      raise
+    detail = re.search(r'Ran out of memory[^\n]*', message)
+    print(f'topology {topology} x {slices} slice(s): DOES NOT FIT: '
+          f'{detail.group(0) if detail else message[:300]}')
+    print(_SUGGESTIONS)
+    return False
+  compile_s = time.perf_counter() - start
+  memory = memory_per_chip(compiled)
+  chips = len(devices)
+  batch_tokens = config.train.batch_size * config.train.seq_len
+  step_flops = metrics_lib.flops_per_token(model_config, config.train.seq_len,
+                                           n_params) * batch_tokens
+  step_s = step_flops / (chips * chip.peak_flops * assumed_mfu)
+  fits = memory['total'] <= chip.hbm_bytes
+  print(f'topology {topology} x {slices} slice(s): {chips} chips ({devices[0].device_kind}), '
+        f'mesh {dict(mesh.shape)}')
+  print(f'model {n_params:,} parameters, remat {model_config.remat}, attention '
+        f'{model_config.attention}, '
+        f'batch {config.train.batch_size} x {config.train.seq_len} in '
+        f'{config.train.microbatches} microbatch(es)')
+  print(f'compiled in {compile_s:.1f}s')
+  print('HBM per chip: ' + ', '.join(f'{k} {v / GIB:.2f} GiB' for k, v in memory.items())
+        + f' of {chip.hbm_bytes / GIB:.0f} GiB -> {"fits" if fits else "DOES NOT FIT"}')
+  print(f'model FLOPs per step {step_flops:.3e} (6N + causal attention)')
+  print(f'assuming {assumed_mfu:.0%} MFU (an assumption, not a measurement): step '
+        f'{step_s:.2f}s, {batch_tokens / step_s / chips:,.0f} tokens/s/chip, '
+        f'{tokens:.2e} tokens in {tokens / batch_tokens * step_s / 86400:.1f} days')
+  if not fits:
+    print(_SUGGESTIONS)
+  return fits
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.ERROR)
+  try:
+    fits = report(FLAGS.config, FLAGS.topology, FLAGS.slices, FLAGS.assumed_mfu, FLAGS.tokens)
+  except UserError as error:
+    sys.exit(f'error: {error}')
+  sys.exit(0 if fits else 1)
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('topology')
+  app.run(main)
