@@ -1,0 +1,150 @@
+"""Our train step against Hugging Face transformers + PyTorch on the same machine and shape.
+
+  python benchmarks/vs_pytorch.py [--dim=512 --layers=8 --heads=8 --vocab=32000 \
+      --seq=256 --batch=8 --rounds=3 --steps=3]
+
+For float32 and bfloat16 mixed precision (float32 master weights on both sides; torch
+autocast) it alternates rounds of our jitted step (forward, backward, clipped AdamW) and
+of `LlamaForCausalLM` + `torch.optim.AdamW` + gradient clipping, and prints tokens/s of
+each, their ratio, our model TFLOP/s, and the fraction of this machine's JAX matmul
+throughput (measured in the same run) that our step reaches. Compile time is excluded.
+Needs the test extra (torch, transformers).
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from absl import app, flags
+
+from configs import default
+from llama_jax import metrics as metrics_lib
+from llama_jax import model as model_lib
+from llama_jax import optim, train_lib, trainer
+from llama_jax import sharding as sharding_lib
+
+flags.DEFINE_integer('dim', 512, 'Model width.')
+flags.DEFINE_integer('layers', 8, 'Transformer blocks.')
+flags.DEFINE_integer('heads', 8, 'Attention heads.')
+flags.DEFINE_integer('vocab', 32000, 'Vocabulary size.')
+flags.DEFINE_integer('seq', 256, 'Sequence length.')
+flags.DEFINE_integer('batch', 8, 'Global batch in sequences.')
+flags.DEFINE_integer('rounds', 3, 'Alternating rounds.')
+flags.DEFINE_integer('steps', 3, 'Timed steps per side per round.')
+flags.DEFINE_list('precisions', ['float32', 'bfloat16'], 'Compute precisions to compare.')
+flags.DEFINE_string('remat', 'none', 'Our model.remat for the comparison.')
+FLAGS = flags.FLAGS
+
+
+def matmul_flops_per_s(dtype, size=2048, repeats=10) -> float:
+  a = jnp.ones((size, size), dtype)
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = matmul(a)
+  out.block_until_ready()
+  return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def our_step(precision, tokens):
+  config = default.get_config()
+  config.model.update(dict(dim=FLAGS.dim, n_layers=FLAGS.layers, n_heads=FLAGS.heads,
+                           vocab_size=FLAGS.vocab, max_seq_len=FLAGS.seq, dtype=precision,
+                           remat=FLAGS.remat, multiple_of=256))
+  config.train.update(dict(batch_size=FLAGS.batch, seq_len=FLAGS.seq, steps=1000))
+  config.data.segment_mask = False
+  devices = jax.devices()
+  sizes = dict(zip(sharding_lib.MESH_AXES, sharding_lib.mesh_shape(config.mesh, len(devices))))
+  model_config = trainer.validate(config, sizes, devices[0].platform)
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  rules = tuple(tuple(rule) for rule in config.mesh.rules)
+  optimizer = optim.make_optimizer(config.optim, config.train.steps)
+  shardings = sharding_lib.state_shardings(
+      train_lib.abstract_state(model_config, optimizer), mesh, rules)
+  state = train_lib.create_sharded_state(0, model_config, optimizer, shardings)
+  step = train_lib.jit_train_step(
+      mesh, rules, shardings, graphdef=train_lib.graphdef_of(model_config), optimizer=optimizer,
+      learning_rate=optim.learning_rate_schedule(config.optim, config.train.steps),
+      microbatches=1, z_loss=0.0, segment_mask=False)
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+           'segment_ids': np.ones_like(tokens[:, 1:]), 'positions': np.zeros_like(tokens[:, 1:]),
+           'weights': np.ones(tokens[:, 1:].shape, np.float32)}
+  batch = jax.device_put(batch, sharding_lib.batch_sharding(mesh, rules))
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  n_params = model_lib.count_params(model_lib.abstract_model(model_config))
+  holder = {'state': state}
+
+  def run(steps):
+    for _ in range(steps):
+      holder['state'], metrics = compiled(holder['state'], batch)
+    jax.block_until_ready(metrics)
+
+  run(2)  # warm up
+  return run, compile_s, metrics_lib.flops_per_token(model_config, FLAGS.seq, n_params)
+
+
+def torch_step(precision, tokens):
+  config = transformers.LlamaConfig(
+      hidden_size=FLAGS.dim, num_hidden_layers=FLAGS.layers, num_attention_heads=FLAGS.heads,
+      num_key_value_heads=FLAGS.heads, vocab_size=FLAGS.vocab,
+      intermediate_size=model_lib.ModelConfig(dim=FLAGS.dim, n_heads=FLAGS.heads).hidden_dim,
+      max_position_embeddings=FLAGS.seq, attn_implementation='sdpa')
+  model = transformers.LlamaForCausalLM(config).train()
+  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
+                                weight_decay=0.1)
+  ids = torch.tensor(tokens, dtype=torch.long)
+
+  def run(steps):
+    for _ in range(steps):
+      with torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'bfloat16'):
+        loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+      optimizer.step()
+      optimizer.zero_grad(set_to_none=True)
+
+  run(2)  # warm up
+  return run
+
+
+def main(argv):
+  del argv
+  torch.set_num_threads(os.cpu_count())
+  tokens = np.random.default_rng(0).integers(0, FLAGS.vocab, (FLAGS.batch, FLAGS.seq + 1),
+                                             dtype=np.int32)
+  batch_tokens = FLAGS.batch * FLAGS.seq
+  print(f'shape: dim {FLAGS.dim}, {FLAGS.layers} layers, {FLAGS.heads} heads, vocab '
+        f'{FLAGS.vocab}, seq {FLAGS.seq}, batch {FLAGS.batch}; {jax.device_count()} x '
+        f'{jax.devices()[0].device_kind}, torch {torch.__version__} with {torch.get_num_threads()} '
+        'threads')
+  for precision in FLAGS.precisions:
+    peak = matmul_flops_per_s(jnp.bfloat16 if precision == 'bfloat16' else jnp.float32)
+    ours, compile_s, flops_per_token = our_step(precision, tokens)
+    theirs = torch_step(precision, tokens)
+    times = {'ours': 0.0, 'torch': 0.0}
+    for _ in range(FLAGS.rounds):
+      for name, run in (('ours', ours), ('torch', theirs)):
+        start = time.perf_counter()
+        run(FLAGS.steps)
+        times[name] += time.perf_counter() - start
+    steps = FLAGS.rounds * FLAGS.steps
+    ours_tps, torch_tps = (steps * batch_tokens / times[k] for k in ('ours', 'torch'))
+    tflops = flops_per_token * ours_tps / jax.device_count() / 1e12
+    print(f'{precision}: ours {ours_tps:,.0f} tokens/s, torch {torch_tps:,.0f} tokens/s, ratio '
+          f'{ours_tps / torch_tps:.2f}x; ours {tflops:.3f} model TFLOP/s = '
+          f'{tflops * 1e12 / peak:.0%} of the measured {precision} matmul '
+          f'{peak / 1e12:.3f} TFLOP/s; compile {compile_s:.1f}s')
+
+
+if __name__ == '__main__':
+  app.run(main)
