@@ -7,20 +7,23 @@ batch size) apply on top of the config saved with it.
 """
 
 import json
-import os
 import sys
 
 import jax
+from etils import epath
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from llama_jax import checkpoint as checkpoint_lib
 from llama_jax import evaluate, generate, trainer
 from llama_jax import sharding as sharding_lib
 from llama_jax.errors import ConfigError, UserError
 
 config_flags.DEFINE_config_file('config', 'configs/default.py',
                                 'Only its --config.* overrides are used.')
-flags.DEFINE_string('workdir', None, 'A train.py workdir or a llama_jax.convert output.')
+flags.DEFINE_string('workdir', None, 'A train.py workdir or a llama_jax.convert output (its '
+                    'checkpoints/ folder is read; --checkpoint_dir reads another).')
+flags.DEFINE_string('checkpoint_dir', '', 'The checkpoint folder, if not WORKDIR/checkpoints.')
 flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
 flags.DEFINE_multi_string('prompt', [], 'A prompt to continue (repeatable).')
 flags.DEFINE_string('prompts_file', '', 'A text file with one prompt per line.')
@@ -36,7 +39,8 @@ FLAGS = flags.FLAGS
 
 def run():
   overrides = config_flags.get_override_values(FLAGS['config'])
-  config, step = evaluate.load_config(FLAGS.workdir, FLAGS.step, overrides)
+  directory = checkpoint_lib.directory_of(FLAGS.workdir, FLAGS.checkpoint_dir)
+  config, step = evaluate.load_config(directory, FLAGS.step, overrides)
   devices = jax.devices()
   try:
     sharding_lib.mesh_shape(config.mesh, len(devices))
@@ -45,7 +49,7 @@ def run():
       raise
     config.mesh.update(dict(data=1, fsdp=-1, sequence=1, tensor=1))  # the writer's mesh
   mesh = sharding_lib.make_mesh(config.mesh, devices)
-  model = evaluate.restore_model(FLAGS.workdir, step, config, mesh, FLAGS.bfloat16)
+  model = evaluate.restore_model(directory, step, config, mesh, FLAGS.bfloat16)
   _, eval_source, tokenizer = trainer.prepare_data(config.data, config.model.vocab_size)
   results = {'step': step}
 
@@ -79,9 +83,8 @@ def run():
         f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
         for k, v in results['perplexity'].items()))
   if jax.process_index() == 0:
-    path = os.path.join(FLAGS.workdir, f'eval_step{step}.json')
-    with open(path, 'w') as f:
-      json.dump(results, f, indent=2)
+    path = epath.Path(FLAGS.workdir) / f'eval_step{step}.json'
+    path.write_text(json.dumps(results, indent=2))
     print(f'wrote {path}')
 
 

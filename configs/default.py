@@ -31,11 +31,12 @@ def get_config():
   mesh.fsdp = -1  # data parallelism with sharded parameters and optimizer state; -1 = the rest
   mesh.sequence = 1  # splits activations along the sequence
   mesh.tensor = 1  # splits heads and the MLP width (Megatron-style)
-  # Logical axis -> mesh axes. Parameters use embed/heads/kv_heads/head_dim/mlp/vocab/layers;
-  # activations use batch/length/act_embed/act_heads/act_mlp/act_vocab.
+  # Logical axis -> mesh axes. Parameters use embed/heads/kv_heads/head_dim/mlp/vocab/layers
+  # (sequence-parallel devices also share the parameter storage); activations use
+  # batch/length/act_embed/act_heads/act_mlp/act_vocab.
   mesh.rules = (
-      ('embed', 'fsdp'), ('heads', 'tensor'), ('kv_heads', 'tensor'), ('head_dim', None),
-      ('mlp', 'tensor'), ('vocab', 'tensor'), ('layers', None),
+      ('embed', ('fsdp', 'sequence')), ('heads', 'tensor'), ('kv_heads', 'tensor'),
+      ('head_dim', None), ('mlp', 'tensor'), ('vocab', 'tensor'), ('layers', None),
       ('batch', ('data', 'fsdp')), ('length', 'sequence'), ('act_embed', None),
       ('act_heads', 'tensor'), ('act_mlp', 'tensor'), ('act_vocab', 'tensor'),
   )
@@ -77,6 +78,7 @@ def get_config():
   data.prefetch = 4  # batches prepared ahead per worker
 
   config.checkpoint = checkpoint = ml_collections.ConfigDict()
+  checkpoint.directory = ''  # where checkpoints go ('' = WORKDIR/checkpoints); gs:// works
   checkpoint.every_steps = 1000  # save every N steps (and at the end)
   checkpoint.keep = 3  # keep the newest K checkpoints
   checkpoint.keep_period = 0  # also keep every step divisible by this forever; 0 = none

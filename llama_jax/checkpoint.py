@@ -14,6 +14,7 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 from llama_jax.errors import UserError
@@ -90,9 +91,14 @@ def restore(manager, step: int, abstract_state, shardings):
   return state, restored.data['rows']
 
 
+def directory_of(workdir: str, directory: str = '') -> str:
+  """The checkpoint folder of a run: `checkpoint.directory`, else WORKDIR/checkpoints."""
+  return directory or os.path.join(workdir, 'checkpoints')
+
+
 def find_step(directory: str, step: int | None = None) -> int:
   """The newest step in `directory`, or `step` if it exists; a clear error otherwise."""
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     raise UserError(f'no checkpoints in {directory}; give the --workdir of a train.py run '
                     '(or a folder written by llama_jax.convert).')
   with make_manager(directory) as manager:

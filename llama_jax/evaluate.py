@@ -19,9 +19,9 @@ from llama_jax import train_lib
 from llama_jax.errors import UserError
 
 
-def load_config(workdir: str, step: int | None, overrides: dict):
-  """(config, step): the config saved with the checkpoint, with command-line overrides."""
-  directory = os.path.join(workdir, 'checkpoints')
+def load_config(directory: str, step: int | None, overrides: dict):
+  """(config, step): the config saved with checkpoint `step` (default: the newest) in
+  `directory`, with command-line overrides."""
   step = checkpoint_lib.find_step(directory, step)
   saved = checkpoint_lib.saved_config(directory, step)
   if 'mesh' not in saved:  # converted weights carry only the model: the rest is default
@@ -35,7 +35,7 @@ def load_config(workdir: str, step: int | None, overrides: dict):
   return config, step
 
 
-def restore_model(workdir: str, step: int, config, mesh, bfloat16: bool = False):
+def restore_model(directory: str, step: int, config, mesh, bfloat16: bool = False):
   """The model with the checkpoint's parameters, sharded on `mesh` by the config's rules."""
   model_config = model_lib.ModelConfig.from_config(config.model)
   abstract = nnx.state(model_lib.abstract_model(model_config), nnx.Param)
@@ -43,7 +43,6 @@ def restore_model(workdir: str, step: int, config, mesh, bfloat16: bool = False)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), abstract)
   rules = tuple(tuple(rule) for rule in config.mesh.rules)
   shardings = sharding_lib.state_shardings(abstract, mesh, rules)
-  directory = os.path.join(workdir, 'checkpoints')
   try:
     params = checkpoint_lib.restore_params(directory, step, abstract, shardings)
   except Exception as error:  # Orbax and TensorStore raise many kinds for a damaged file

@@ -153,10 +153,11 @@ def _check_checkpoint_matches(directory: str, step: int, model_config, workdir: 
 
 
 def _report_partial_checkpoints(checkpoint_dir: str) -> None:
-  if os.path.isdir(checkpoint_dir):
-    for name in sorted(os.listdir(checkpoint_dir)):
-      if 'orbax-checkpoint-tmp' in name:
-        _say(f'warning: ignoring the partially written checkpoint {checkpoint_dir}/{name}')
+  directory = epath.Path(checkpoint_dir)
+  if directory.is_dir():
+    for path in sorted(directory.iterdir()):
+      if 'orbax-checkpoint-tmp' in path.name:
+        _say(f'warning: ignoring the partially written checkpoint {path}')
 
 
 def _restore_newest_readable(manager, checkpoint_dir, abstract, shardings):
@@ -165,11 +166,11 @@ def _restore_newest_readable(manager, checkpoint_dir, abstract, shardings):
     try:
       return (step, *checkpoint_lib.restore(manager, step, abstract, shardings))
     except Exception as error:  # any failure to read: truncated, altered, missing files
-      aside = os.path.join(checkpoint_dir, f'{step}.unreadable')
+      aside = epath.Path(checkpoint_dir) / f'{step}.unreadable'
       _say(f'warning: checkpoint {checkpoint_dir}/{step} cannot be read ({type(error).__name__}'
            f': {str(error)[:300]}); moved it to {aside} and trying the one before')
       if jax.process_index() == 0:
-        os.rename(os.path.join(checkpoint_dir, str(step)), aside)
+        (epath.Path(checkpoint_dir) / str(step)).rename(aside)
       _sync(f'set aside checkpoint {step}')
       manager.reload()
   raise UserError(f'no checkpoint in {checkpoint_dir} can be read (they were moved to '
@@ -217,7 +218,7 @@ def train(config, workdir: str) -> dict:
   rows = sharding_lib.rows_of_process(batch_sharding, batch_size)
 
   train_iterator = iter(host_batches(config, train_source, tokenizer, rows, config.data.shuffle))
-  checkpoint_dir = os.path.join(workdir, 'checkpoints')
+  checkpoint_dir = checkpoint_lib.directory_of(workdir, config.checkpoint.directory)
   _report_partial_checkpoints(checkpoint_dir)
   manager = checkpoint_lib.make_manager(checkpoint_dir, config.checkpoint)
   start = manager.latest_step()

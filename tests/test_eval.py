@@ -39,10 +39,11 @@ def run(tmp_path_factory):
 
 
 def restored(run, devices, mesh_sizes, bfloat16=False):
-  config, step = evaluate.load_config(run['workdir'], None, run['overrides'])
+  directory = os.path.join(run['workdir'], 'checkpoints')
+  config, step = evaluate.load_config(directory, None, run['overrides'])
   config.mesh.update(dict(zip(sharding_lib.MESH_AXES, mesh_sizes)))
   mesh = sharding_lib.make_mesh(config.mesh, devices)
-  return evaluate.restore_model(run['workdir'], step, config, mesh, bfloat16), config
+  return evaluate.restore_model(directory, step, config, mesh, bfloat16), config
 
 
 def test_restores_onto_any_mesh(run):
@@ -140,10 +141,11 @@ def test_generation_matches_a_loop_without_cache_and_compiles_once():
 
 def test_bad_workdirs_and_steps(run, tmp_path):
   with pytest.raises(UserError, match='no checkpoints in'):
-    evaluate.load_config(str(tmp_path), None, {})
+    evaluate.load_config(str(tmp_path / 'checkpoints'), None, {})
   with pytest.raises(UserError, match='no checkpoint of step 7 .* has steps 10, 12'):
-    evaluate.load_config(run['workdir'], 7, {})
-  config, step = evaluate.load_config(run['workdir'], None, run['overrides'])
+    evaluate.load_config(os.path.join(run['workdir'], 'checkpoints'), 7, {})
+  config, step = evaluate.load_config(os.path.join(run['workdir'], 'checkpoints'), None,
+                                      run['overrides'])
   tokenizer_lib.train(['some text for a tiny tokenizer'] * 50, 300, str(tmp_path / 'other.model'))
   config.data.tokenizer = str(tmp_path / 'other.model')
   with pytest.raises(UserError, match='has 300 tokens but model.vocab_size is 400'):

@@ -110,11 +110,12 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(dirs, tmp_path, cap
   with open(biggest, 'r+b') as f:
     f.truncate(os.path.getsize(biggest) // 2)
 
-  eval_config, _ = evaluate.load_config(workdir, 4, {})
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  eval_config, _ = evaluate.load_config(checkpoints, 4, {})
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1),
                            ('data', 'fsdp', 'sequence', 'tensor'))
   with pytest.raises(UserError, match='checkpoints/4 cannot be read'):
-    evaluate.restore_model(workdir, 4, eval_config, mesh)
+    evaluate.restore_model(checkpoints, 4, eval_config, mesh)
 
   capsys.readouterr()
   config.train.steps = 6

@@ -74,10 +74,10 @@ def test_sharded_step_equals_single_device(mesh_sizes, single_device_step):
   # The shardings follow the rules: check the arrays, not only the numbers.
   sizes = dict(zip(sharding_lib.MESH_AXES, mesh_sizes))
   w1 = state.params['layers']['feed_forward']['w1'][...]  # [layers, embed, mlp]
-  assert w1.sharding.spec == jax.sharding.PartitionSpec(
-      None, 'fsdp' if sizes['fsdp'] > 1 else 'fsdp', 'tensor')
+  assert w1.sharding.spec == jax.sharding.PartitionSpec(None, ('fsdp', 'sequence'), 'tensor')
   shard_shape = w1.addressable_shards[0].data.shape
-  assert shard_shape == (2, 64 // sizes['fsdp'], MODEL.hidden_dim // sizes['tensor'])
+  parameter_shards = sizes['fsdp'] * sizes['sequence']  # ZeRO-3 over fsdp and sequence
+  assert shard_shape == (2, 64 // parameter_shards, MODEL.hidden_dim // sizes['tensor'])
   mu = state.opt_state[1][0].mu['layers']['feed_forward']['w1'][...]
   assert mu.addressable_shards[0].data.shape == shard_shape
 
