@@ -2,6 +2,8 @@
 
   python benchmarks/train_step.py --config=configs/tiny.py [--config.model.remat=none] \
       [--config.mesh.fsdp=-1] [--steps=20]
+  python benchmarks/train_step.py --config=configs/llama_7b.py --config.model.n_layers=80 \
+      --compile_only    # compile time against depth
 
 Times the real jitted train step (compile excluded) on random tokens, on all devices.
 """
@@ -17,6 +19,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from llama_jax import aot
 from llama_jax import metrics as metrics_lib
 from llama_jax import model as model_lib
 from llama_jax import optim, train_lib, trainer
@@ -24,6 +27,8 @@ from llama_jax import sharding as sharding_lib
 
 config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config file.')
 flags.DEFINE_integer('steps', 20, 'Timed steps (after 2 warm-up steps).')
+flags.DEFINE_bool('compile_only', False, 'Only compile (shape-only state: any model size) and '
+                  'print the compile time.')
 FLAGS = flags.FLAGS
 
 
@@ -31,6 +36,12 @@ def main(argv):
   del argv
   config = FLAGS.config
   devices = jax.devices()
+  if FLAGS.compile_only:
+    start = time.perf_counter()
+    aot.compile_train_step(config, devices)
+    print(f'{config.model.n_layers} layers of dim {config.model.dim}: compiled in '
+          f'{time.perf_counter() - start:.1f}s on {len(devices)} {devices[0].device_kind}')
+    return
   sizes = dict(zip(sharding_lib.MESH_AXES, sharding_lib.mesh_shape(config.mesh, len(devices))))
   model_config = trainer.validate(config, sizes, devices[0].platform)
   mesh = sharding_lib.make_mesh(config.mesh, devices)

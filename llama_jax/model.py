@@ -15,6 +15,7 @@ The blocks' parameters are stacked along a leading `layers` axis and run with
 """
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +129,14 @@ class KVCache:
                jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
 
+class LayerCache(NamedTuple):
+  """One layer's part of the KVCache while decoding; new tokens go at `index`."""
+  k: jax.Array  # [batch, max_len, kv_heads, head_dim]
+  v: jax.Array  # [batch, max_len, kv_heads, head_dim]
+  segment_ids: jax.Array  # [batch, max_len], already holding the new tokens' ids
+  index: jax.Array  # []
+
+
 class RMSNorm(nnx.Module):
   """x / rms(x) * scale, with the statistics in float32."""
 
@@ -167,7 +176,7 @@ class Attention(nnx.Module):
     self.wv = _param(rngs, (dim, kv_heads, head_dim), ('embed', 'kv_heads', 'head_dim'))
     self.wo = _param(rngs, (heads, head_dim, dim), ('heads', 'head_dim', 'embed'))
 
-  def __call__(self, x, positions, segment_ids, cache=None):
+  def __call__(self, x, positions, segment_ids, cache: LayerCache | None = None):
     """x: [batch, length, embed] -> [batch, length, embed] (and the updated cache)."""
     config, dtype = self.config, self.config.compute_dtype
     q = jnp.einsum('bte,enh->btnh', x, self.wq[...].astype(dtype))  # [batch, length, heads, head_dim]
@@ -183,12 +192,12 @@ class Attention(nnx.Module):
     if cache is None:
       out = attention_lib.attention(q, k, v, segment_ids, segment_ids,
                                     implementation=config.attention)
-    else:
-      cache_k, cache_v, cache_segment_ids, index = cache
-      k = jax.lax.dynamic_update_slice_in_dim(cache_k, k, index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache_v, v, index, axis=1)
-      out = attention_lib.reference_attention(q, k, v, segment_ids, cache_segment_ids, index)
-      cache = (k, v)
+    else:  # decoding: append to the cache, attend to everything written so far
+      k = jax.lax.dynamic_update_slice_in_dim(cache.k, k, cache.index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache.v, v, cache.index, axis=1)
+      out = attention_lib.reference_attention(q, k, v, segment_ids, cache.segment_ids,
+                                              cache.index)
+      cache = cache._replace(k=k, v=v)
     out = checkpoint_name(constrain(out, ('batch', 'length', 'act_heads', None)), 'attention_out')
     return jnp.einsum('btnh,nhe->bte', out, self.wo[...].astype(dtype)), cache
 
@@ -218,7 +227,7 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(config, rngs=rngs)
     self.feed_forward = FeedForward(config, rngs=rngs)
 
-  def __call__(self, x, positions, segment_ids, cache=None):
+  def __call__(self, x, positions, segment_ids, cache: LayerCache | None = None):
     h, cache = self.attention(self.attention_norm(x), positions, segment_ids, cache)
     x = x + h
     x = x + self.feed_forward(self.ffn_norm(x))
@@ -260,34 +269,35 @@ class Transformer(nnx.Module):
     x = self.embedding[...].astype(config.compute_dtype)[tokens]  # [batch, length, embed]
     x = constrain(x, ('batch', 'length', 'act_embed'))
 
-    if cache is None:
-      layer_cache, block_segment_ids = None, segment_ids
-    else:
+    if cache is not None:
       if segment_ids is None:
         segment_ids = jnp.ones((batch, length), jnp.int32)
-      cache_segment_ids = jax.lax.dynamic_update_slice_in_dim(
-          cache.segment_ids, segment_ids, start, axis=1)
-      layer_cache, block_segment_ids = (cache.k, cache.v), segment_ids
+      cache = dataclasses.replace(cache, segment_ids=jax.lax.dynamic_update_slice_in_dim(
+          cache.segment_ids, segment_ids, start, axis=1))
 
-    x, new_kv = self._run_layers(x, positions, block_segment_ids, layer_cache,
-                                 None if cache is None else (cache_segment_ids, start))
+    x, new_kv = self._run_layers(x, positions, segment_ids, cache)
     x = self.norm(x)
     logits = jnp.einsum('bte,ev->btv', x, self.output[...].astype(config.compute_dtype),
                         preferred_element_type=jnp.float32)
     logits = constrain(logits, ('batch', 'length', 'act_vocab'))
     if cache is not None:
-      cache = KVCache(new_kv[0], new_kv[1], cache_segment_ids, start + length)
+      cache = KVCache(*new_kv, cache.segment_ids, start + length)
     return logits, cache
 
-  def _run_layers(self, x, positions, segment_ids, kv, cache_context):
-    """Applies the stacked blocks with lax.scan (or a loop), under the remat policy."""
+  def _run_layers(self, x, positions, segment_ids, cache: KVCache | None):
+    """Applies the stacked blocks with lax.scan (or a loop), under the remat policy.
+
+    Returns x and, when decoding, every layer's updated (k, v) stacked.
+    """
     graphdef, layer_params = nnx.split(self.layers)
+    kv = None if cache is None else (cache.k, cache.v)
 
     def apply_block(x, params_and_kv):
       params, kv = params_and_kv
       block = nnx.merge(graphdef, params)
-      cache = None if kv is None else (*kv, *cache_context)
-      return block(x, positions, segment_ids, cache)
+      layer_cache = None if kv is None else LayerCache(*kv, cache.segment_ids, cache.index)
+      x, layer_cache = block(x, positions, segment_ids, layer_cache)
+      return x, None if layer_cache is None else (layer_cache.k, layer_cache.v)
 
     policy = REMAT_POLICIES[self.config.remat]
     if self.config.remat != 'none':
