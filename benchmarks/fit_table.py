@@ -20,7 +20,8 @@ from llama_jax import aot
 from llama_jax import metrics as metrics_lib
 
 flags.DEFINE_list('configs', ['llama_7b', 'llama_13b', 'llama_33b', 'llama_65b'], 'Configs.')
-flags.DEFINE_list('families', ['v5p', 'v4'], 'TPU families.')  # --assumed_mfu: from aot
+flags.DEFINE_list('families', ['v5p', 'v4'], 'TPU families.')
+flags.DEFINE_float('assumed_mfu', 0.5, 'MFU assumed for the days estimate.')
 FLAGS = flags.FLAGS
 
 PAPER_TOKENS = {'llama_7b': 1.0e12, 'llama_13b': 1.0e12, 'llama_33b': 1.4e12, 'llama_65b': 1.4e12}
@@ -49,7 +50,8 @@ def main(argv):
           config.train.microbatches = microbatches
           start = time.perf_counter()
           try:
-            compiled, model_config, params, mesh = aot.compile_train_step(config, devices)
+            compiled, built = aot.compile_train_step(config, devices)
+            model_config, params, mesh = built.model_config, built.n_params, built.mesh
           except Exception as error:  # the TPU compiler refuses steps that cannot fit
             if 'memory' not in str(error).lower() and 'RESOURCE_EXHAUSTED' not in str(error):
               raise

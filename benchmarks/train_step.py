@@ -21,9 +21,7 @@ from ml_collections import config_flags
 
 from llama_jax import aot
 from llama_jax import metrics as metrics_lib
-from llama_jax import model as model_lib
-from llama_jax import optim, train_lib, trainer
-from llama_jax import sharding as sharding_lib
+from llama_jax import train_lib, trainer
 
 config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config file.')
 flags.DEFINE_integer('steps', 20, 'Timed steps (after 2 warm-up steps).')
@@ -42,19 +40,9 @@ def main(argv):
     print(f'{config.model.n_layers} layers of dim {config.model.dim}: compiled in '
           f'{time.perf_counter() - start:.1f}s on {len(devices)} {devices[0].device_kind}')
     return
-  sizes = dict(zip(sharding_lib.MESH_AXES, sharding_lib.mesh_shape(config.mesh, len(devices))))
-  model_config = trainer.validate(config, sizes, devices[0].platform)
-  mesh = sharding_lib.make_mesh(config.mesh, devices)
-  rules = tuple(tuple(rule) for rule in config.mesh.rules)
-  optimizer = optim.make_optimizer(config.optim, config.train.steps)
-  shardings = sharding_lib.state_shardings(
-      train_lib.abstract_state(model_config, optimizer), mesh, rules)
-  state = train_lib.create_sharded_state(0, model_config, optimizer, shardings)
-  step = train_lib.jit_train_step(
-      mesh, rules, shardings, graphdef=train_lib.graphdef_of(model_config), optimizer=optimizer,
-      learning_rate=optim.learning_rate_schedule(config.optim, config.train.steps),
-      microbatches=config.train.microbatches, z_loss=config.train.z_loss,
-      segment_mask=config.data.segment_mask)
+  built = trainer.setup(config, devices)
+  model_config, mesh, step = built.model_config, built.mesh, built.train_step
+  state = train_lib.create_sharded_state(0, model_config, built.optimizer, built.shardings)
   batch_size, seq_len = config.train.batch_size, config.train.seq_len
   tokens = np.random.default_rng(0).integers(0, model_config.vocab_size,
                                              (batch_size, seq_len + 1), dtype=np.int32)
@@ -62,7 +50,7 @@ def main(argv):
            'segment_ids': np.ones((batch_size, seq_len), np.int32),
            'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)),
            'weights': np.ones((batch_size, seq_len), np.float32)}
-  batch = jax.device_put(batch, sharding_lib.batch_sharding(mesh, rules))
+  batch = jax.device_put(batch, built.batch_sharding)
 
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
@@ -76,7 +64,7 @@ def main(argv):
   jax.block_until_ready(metrics)
   seconds = (time.perf_counter() - start) / FLAGS.steps
 
-  n_params = model_lib.count_params(model_lib.abstract_model(model_config))
+  n_params = built.n_params
   tokens_per_s = batch_size * seq_len / seconds
   tflops = metrics_lib.flops_per_token(model_config, seq_len, n_params) * tokens_per_s / len(
       devices) / 1e12

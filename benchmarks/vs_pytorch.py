@@ -27,8 +27,7 @@ from absl import app, flags
 from configs import default
 from llama_jax import metrics as metrics_lib
 from llama_jax import model as model_lib
-from llama_jax import optim, train_lib, trainer
-from llama_jax import sharding as sharding_lib
+from llama_jax import train_lib, trainer
 
 flags.DEFINE_integer('dim', 512, 'Model width.')
 flags.DEFINE_integer('layers', 8, 'Transformer blocks.')
@@ -61,27 +60,15 @@ def our_step(precision, tokens):
                            remat=FLAGS.remat, multiple_of=256))
   config.train.update(dict(batch_size=FLAGS.batch, seq_len=FLAGS.seq, steps=1000))
   config.data.segment_mask = False
-  devices = jax.devices()
-  sizes = dict(zip(sharding_lib.MESH_AXES, sharding_lib.mesh_shape(config.mesh, len(devices))))
-  model_config = trainer.validate(config, sizes, devices[0].platform)
-  mesh = sharding_lib.make_mesh(config.mesh, devices)
-  rules = tuple(tuple(rule) for rule in config.mesh.rules)
-  optimizer = optim.make_optimizer(config.optim, config.train.steps)
-  shardings = sharding_lib.state_shardings(
-      train_lib.abstract_state(model_config, optimizer), mesh, rules)
-  state = train_lib.create_sharded_state(0, model_config, optimizer, shardings)
-  step = train_lib.jit_train_step(
-      mesh, rules, shardings, graphdef=train_lib.graphdef_of(model_config), optimizer=optimizer,
-      learning_rate=optim.learning_rate_schedule(config.optim, config.train.steps),
-      microbatches=1, z_loss=0.0, segment_mask=False)
+  built = trainer.setup(config, jax.devices())
+  state = train_lib.create_sharded_state(0, built.model_config, built.optimizer, built.shardings)
   batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
            'segment_ids': np.ones_like(tokens[:, 1:]), 'positions': np.zeros_like(tokens[:, 1:]),
            'weights': np.ones(tokens[:, 1:].shape, np.float32)}
-  batch = jax.device_put(batch, sharding_lib.batch_sharding(mesh, rules))
+  batch = jax.device_put(batch, built.batch_sharding)
   start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = built.train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
-  n_params = model_lib.count_params(model_lib.abstract_model(model_config))
   holder = {'state': state}
 
   def run(steps):
@@ -90,7 +77,8 @@ def our_step(precision, tokens):
     jax.block_until_ready(metrics)
 
   run(2)  # warm up
-  return run, compile_s, metrics_lib.flops_per_token(model_config, FLAGS.seq, n_params)
+  return run, compile_s, metrics_lib.flops_per_token(built.model_config, FLAGS.seq,
+                                                      built.n_params)
 
 
 def torch_step(precision, tokens):

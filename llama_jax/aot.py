@@ -21,10 +21,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llama_jax import metrics as metrics_lib
-from llama_jax import model as model_lib
-from llama_jax import optim, train_lib, trainer
-from llama_jax import sharding as sharding_lib
-from llama_jax.errors import ConfigError, UserError
+from llama_jax import trainer
+from llama_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,29 +86,15 @@ def topology_devices(name: str, slices: int = 1):
 
 
 def compile_train_step(config, devices):
-  """(compiled step, model config, n_params, mesh) of train.py's step on `devices`."""
-  sizes = dict(zip(sharding_lib.MESH_AXES, sharding_lib.mesh_shape(config.mesh, len(devices))))
-  model_config = trainer.validate(config, sizes, devices[0].platform)
-  mesh = sharding_lib.make_mesh(config.mesh, devices)
-  rules = tuple(tuple(rule) for rule in config.mesh.rules)
-  optimizer = optim.make_optimizer(config.optim, config.train.steps)
-  abstract = train_lib.abstract_state(model_config, optimizer)
-  shardings = sharding_lib.state_shardings(abstract, mesh, rules)
+  """(compiled step, trainer.Setup) of train.py's step on `devices`, from shapes only."""
+  built = trainer.setup(config, devices)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       abstract, shardings)
-  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+                       built.abstract_state, built.shardings)
   shape = (config.train.batch_size, config.train.seq_len)
   batch = {key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == 'weights' else jnp.int32,
-                                     sharding=batch_sharding)
+                                     sharding=built.batch_sharding)
            for key in ('inputs', 'targets', 'segment_ids', 'positions', 'weights')}
-  step = train_lib.jit_train_step(
-      mesh, rules, shardings, graphdef=train_lib.graphdef_of(model_config), optimizer=optimizer,
-      learning_rate=optim.learning_rate_schedule(config.optim, config.train.steps),
-      microbatches=config.train.microbatches, z_loss=config.train.z_loss,
-      segment_mask=config.data.segment_mask)
-  compiled = step.lower(state, batch).compile()
-  n_params = model_lib.count_params(model_lib.abstract_model(model_config))
-  return compiled, model_config, n_params, mesh
+  return built.train_step.lower(state, batch).compile(), built
 
 
 def memory_per_chip(compiled) -> dict:
@@ -126,12 +110,6 @@ def memory_per_chip(compiled) -> dict:
   return memory
 
 
-flags.DEFINE_string('topology', None, 'A Cloud TPU slice name: v4-8, v5p-128, v5e-16, v6e-64...')
-flags.DEFINE_integer('slices', 1, 'Slices joined over the data-center network (multi-slice).')
-flags.DEFINE_float('assumed_mfu', 0.5, 'MFU assumed for the time estimates (not measured).')
-flags.DEFINE_float('tokens', 1e12, 'Training tokens, for the days estimate.')
-config_flags.DEFINE_config_file('config', 'configs/llama_7b.py', 'Config file.')
-FLAGS = flags.FLAGS
 
 GIB = 2**30
 _SUGGESTIONS = ('to fit: model.remat=full, a larger mesh.fsdp (or mesh.tensor), more '
@@ -143,7 +121,7 @@ def report(config, topology: str, slices: int, assumed_mfu: float, tokens: float
   chip, devices = topology_devices(topology, slices)
   start = time.perf_counter()
   try:
-    compiled, model_config, n_params, mesh = compile_train_step(config, devices)
+    compiled, built = compile_train_step(config, devices)
   except Exception as error:  # XLA's TPU compiler refuses a step that cannot fit in HBM
     message = str(error)
     if 'RESOURCE_EXHAUSTED' not in message and 'out of memory' not in message.lower():
@@ -154,6 +132,7 @@ def report(config, topology: str, slices: int, assumed_mfu: float, tokens: float
     print(_SUGGESTIONS)
     return False
   compile_s = time.perf_counter() - start
+  model_config, n_params, mesh = built.model_config, built.n_params, built.mesh
   memory = memory_per_chip(compiled)
   chips = len(devices)
   batch_tokens = config.train.batch_size * config.train.seq_len
@@ -182,6 +161,7 @@ def report(config, topology: str, slices: int, assumed_mfu: float, tokens: float
 def main(argv):
   del argv
   logging.set_verbosity(logging.ERROR)
+  FLAGS = flags.FLAGS
   try:
     fits = report(FLAGS.config, FLAGS.topology, FLAGS.slices, FLAGS.assumed_mfu, FLAGS.tokens)
   except UserError as error:
@@ -190,5 +170,10 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  flags.DEFINE_string('topology', None, 'A Cloud TPU slice name: v4-8, v5p-128, v5e-16...')
+  flags.DEFINE_integer('slices', 1, 'Slices joined over the data-center network.')
+  flags.DEFINE_float('assumed_mfu', 0.5, 'MFU assumed for the time estimates (not measured).')
+  flags.DEFINE_float('tokens', 1e12, 'Training tokens, for the days estimate.')
+  config_flags.DEFINE_config_file('config', 'configs/llama_7b.py', 'Config file.')
   flags.mark_flag_as_required('topology')
   app.run(main)

@@ -9,9 +9,10 @@ checkpoints asynchronously. Restarting with the same workdir resumes exactly.
 import dataclasses
 import os
 import time
+from typing import Callable
 
 import jax
-import numpy as np
+import optax
 import tqdm
 from etils import epath
 from jax.experimental import multihost_utils
@@ -196,24 +197,51 @@ def _wait_for_saves(manager, checkpoint_dir) -> None:
                     'are intact. Free space or fix the workdir, then run again.') from None
 
 
+@dataclasses.dataclass
+class Setup:
+  """What a config builds on a set of devices before any data or state exists."""
+  model_config: model_lib.ModelConfig
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  optimizer: optax.GradientTransformation
+  abstract_state: train_lib.TrainState  # shapes only
+  shardings: train_lib.TrainState  # the NamedSharding of every state leaf
+  batch_sharding: jax.sharding.NamedSharding
+  train_step: Callable  # jitted; (state, batch) -> (state, metrics)
+  n_params: int
+
+
+def setup(config, devices) -> Setup:
+  """Validates `config` for `devices` and builds the mesh, shardings and jitted step."""
+  sizes = dict(zip(sharding_lib.MESH_AXES, sharding_lib.mesh_shape(config.mesh, len(devices))))
+  model_config = validate(config, sizes, devices[0].platform)
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  rules = tuple(tuple(rule) for rule in config.mesh.rules)
+  optimizer = optim.make_optimizer(config.optim, config.train.steps)
+  abstract = train_lib.abstract_state(model_config, optimizer)
+  shardings = sharding_lib.state_shardings(abstract, mesh, rules)
+  step = train_lib.jit_train_step(
+      mesh, rules, shardings, graphdef=train_lib.graphdef_of(model_config), optimizer=optimizer,
+      learning_rate=optim.learning_rate_schedule(config.optim, config.train.steps),
+      microbatches=config.train.microbatches, z_loss=config.train.z_loss,
+      segment_mask=config.data.segment_mask)
+  return Setup(model_config, mesh, rules, optimizer, abstract, shardings,
+               sharding_lib.batch_sharding(mesh, rules), step,
+               model_lib.count_params(model_lib.abstract_model(model_config)))
+
+
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) training; returns the last logged metrics."""
   devices = jax.devices()
-  sizes = dict(zip(sharding_lib.MESH_AXES, sharding_lib.mesh_shape(config.mesh, len(devices))))
-  model_config = validate(config, sizes, devices[0].platform)
+  built = setup(config, devices)
+  model_config, mesh, rules = built.model_config, built.mesh, built.rules
+  optimizer, abstract, shardings = built.optimizer, built.abstract_state, built.shardings
+  batch_sharding, n_params = built.batch_sharding, built.n_params
   _check_workdir(workdir)
-  mesh = sharding_lib.make_mesh(config.mesh, devices)
-  rules = tuple(tuple(rule) for rule in config.mesh.rules)
   train_config = config.train
 
   train_source, eval_source, tokenizer = prepare_data(config.data, model_config.vocab_size)
 
-  optimizer = optim.make_optimizer(config.optim, train_config.steps)
-  schedule = optim.learning_rate_schedule(config.optim, train_config.steps)
-  abstract = train_lib.abstract_state(model_config, optimizer)
-  shardings = sharding_lib.state_shardings(abstract, mesh, rules)
-  n_params = model_lib.count_params(model_lib.abstract_model(model_config))
-  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
   batch_size, seq_len = train_config.batch_size, train_config.seq_len
   rows = sharding_lib.rows_of_process(batch_sharding, batch_size)
 
@@ -239,12 +267,9 @@ def train(config, workdir: str) -> dict:
           source, source_step, abstract.params, shardings.params))
       _say(f'Initialized the parameters from {source}/{source_step}')
 
-  graphdef = train_lib.graphdef_of(model_config)
-  step_fn = train_lib.jit_train_step(
-      mesh, rules, shardings, graphdef=graphdef, optimizer=optimizer, learning_rate=schedule,
-      microbatches=train_config.microbatches, z_loss=train_config.z_loss,
-      segment_mask=config.data.segment_mask)
-  eval_fn = train_lib.jit_eval_step(mesh, rules, shardings.params, graphdef=graphdef,
+  step_fn = built.train_step
+  eval_fn = train_lib.jit_eval_step(mesh, rules, shardings.params,
+                                    graphdef=train_lib.graphdef_of(model_config),
                                     segment_mask=config.data.segment_mask)
 
   train_batches = global_batches(train_iterator, batch_sharding, batch_size, rows)

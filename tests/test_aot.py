@@ -25,12 +25,12 @@ def tiny(**mesh):
 def test_tiny_step_compiles_for_v5e_with_splash_attention_and_fits():
   chip, devices = aot.topology_devices('v5e-4')
   assert len(devices) == 4 and chip.hbm_bytes == 16 * GIB
-  compiled, model_config, n_params, mesh = aot.compile_train_step(tiny(tensor=2), devices)
-  assert model_config.attention == 'splash'
+  compiled, built = aot.compile_train_step(tiny(tensor=2), devices)
+  assert built.model_config.attention == 'splash'
   assert 'tpu_custom_call' in compiled.as_text()  # the Pallas kernel, forward and backward
   memory = aot.memory_per_chip(compiled)
   # Parameters and two Adam moments, float32, split over 4 chips, are arguments.
-  assert memory['arguments'] >= 3 * 4 * n_params / 4
+  assert memory['arguments'] >= 3 * 4 * built.n_params / 4
   assert 0 < memory['total'] < chip.hbm_bytes
 
 

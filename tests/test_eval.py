@@ -1,13 +1,11 @@
 """eval.py: restore onto any mesh, perplexity, generation, multiple choice, bad input."""
 
-import importlib
 import json
 import os
 import subprocess
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
