@@ -254,19 +254,31 @@ def read_orbax(workdir: str, step: int | None = None):
 
 
 def write_hf(config: model_lib.ModelConfig, params, output: str) -> None:
+  """A Hugging Face folder: config.json and one safetensors file per layer (plus one for
+  the embedding, final norm and output), so only one layer is ever copied at a time."""
   from safetensors.numpy import save_file
   if os.path.exists(output) and os.listdir(output):
     raise UserError(f'{output} is not empty; choose an empty --output.')
   os.makedirs(output, exist_ok=True)
   arrays = params.to_pure_dict()
-  tensors = {}
+  groups = {}  # layer (None: the rest) -> [(path, name)]
   for path, layer, name in hf_names(config):
-    array = arrays
-    for key in path:
-      array = array[key]
-    array = np.asarray(array if layer is None else array[layer], np.float32)
-    tensors[f'{name}.weight'] = np.ascontiguousarray(to_hf(name, array))
-  save_file(tensors, os.path.join(output, 'model.safetensors'), metadata={'format': 'pt'})
+    groups.setdefault(layer, []).append((path, name))
+  weight_map, total_bytes = {}, 0
+  for index, (layer, entries) in enumerate(groups.items(), 1):
+    filename = f'model-{index:05d}-of-{len(groups):05d}.safetensors'
+    tensors = {}
+    for path, name in entries:
+      array = arrays
+      for key in path:
+        array = array[key]
+      array = np.asarray(array if layer is None else array[layer], np.float32)
+      tensors[f'{name}.weight'] = np.ascontiguousarray(to_hf(name, array))
+    save_file(tensors, os.path.join(output, filename), metadata={'format': 'pt'})
+    weight_map.update(dict.fromkeys(tensors, filename))
+    total_bytes += sum(t.nbytes for t in tensors.values())
+  with open(os.path.join(output, 'model.safetensors.index.json'), 'w') as f:
+    json.dump({'metadata': {'total_size': total_bytes}, 'weight_map': weight_map}, f, indent=2)
   with open(os.path.join(output, 'config.json'), 'w') as f:
     json.dump(hf_config_from_model(config), f, indent=2)
 

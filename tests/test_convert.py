@@ -72,7 +72,9 @@ def test_round_trip_hf_orbax_hf_is_identical(tmp_path):
   convert.write_orbax(*convert.read_hf(str(tmp_path / 'hf')), str(tmp_path / 'ours'))
   convert.write_hf(*convert.read_orbax(str(tmp_path / 'ours')), str(tmp_path / 'back'))
   original = load_file(str(tmp_path / 'hf' / 'model.safetensors'))
-  back = load_file(str(tmp_path / 'back' / 'model.safetensors'))
+  back = {}
+  for path in (tmp_path / 'back').glob('*.safetensors'):  # one file per layer
+    back.update(load_file(str(path)))
   assert set(original) == set(back)
   for name in original:
     np.testing.assert_array_equal(back[name], original[name], err_msg=name)
