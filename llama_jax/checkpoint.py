@@ -20,8 +20,14 @@ from jax.experimental import multihost_utils
 from llama_jax.errors import UserError
 
 
+def _absolute(directory: str) -> str:
+  """Orbax wants absolute paths: local ones are made absolute, gs:// ones kept."""
+  return directory if '://' in directory else os.path.abspath(os.path.expanduser(directory))
+
+
 def make_manager(directory: str, checkpoint_config=None) -> ocp.CheckpointManager:
   """A manager that saves by `checkpoint_config`, or (None) one that only reads."""
+  directory = _absolute(directory)
   options = ocp.CheckpointManagerOptions(create=False)
   if checkpoint_config is not None:
     options = ocp.CheckpointManagerOptions(
@@ -68,7 +74,7 @@ def save(manager, step: int, state, first_row: int, row_states: list, config_dic
 def save_params(directory: str, step: int, params, config_dict: dict) -> None:
   """A parameters-only checkpoint (converted weights) that eval.py and fine-tuning load."""
   options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-  with ocp.CheckpointManager(directory, options=options) as manager:
+  with ocp.CheckpointManager(_absolute(directory), options=options) as manager:
     manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                config=ocp.args.JsonSave(config_dict)))
     manager.wait_until_finished()

@@ -166,3 +166,14 @@ def test_init_params_starts_from_another_runs_parameters(text_dir, data_dir, tmp
   trainer.train(config, tuned)  # learning rate 0: the parameters pass through unchanged
   for a, b in zip(final_params(tuned, 1), final_params(source, 3)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_relative_workdir_as_in_the_quick_start(text_dir, data_dir, tmp_path, monkeypatch):
+  """`python train.py` defaults to the relative workdir runs/tiny."""
+  monkeypatch.chdir(tmp_path)
+  config = small_config(text_dir, data_dir, **{'train.steps': 2, 'train.eval_every': 0})
+  trainer.train(config, 'runs/tiny')
+  assert os.path.isdir(tmp_path / 'runs' / 'tiny' / 'checkpoints' / '2')
+  config.train.steps = 3
+  trainer.train(config, 'runs/tiny')  # and resumes from there
+  assert max(losses(str(tmp_path / 'runs' / 'tiny'))) == 3
