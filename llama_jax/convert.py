@@ -10,6 +10,7 @@ Tensors are read one at a time into the stacked float32 arrays: the model is in 
 memory once. The input folder is only read.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -237,8 +238,7 @@ def write_orbax(config: model_lib.ModelConfig, params, output: str) -> None:
   directory = os.path.join(output, 'checkpoints')
   if os.path.exists(directory) and os.listdir(directory):
     raise UserError(f'{directory} already holds checkpoints; choose an empty --output.')
-  model_dict = {k: v for k, v in config.__dict__.items()}
-  checkpoint_lib.save_params(directory, 0, params, {'model': model_dict})
+  checkpoint_lib.save_params(directory, 0, params, {'model': dataclasses.asdict(config)})
 
 
 def read_orbax(workdir: str, step: int | None = None):

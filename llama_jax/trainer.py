@@ -178,23 +178,26 @@ def _restore_newest_readable(manager, checkpoint_dir, abstract, shardings):
                   '*.unreadable); move them elsewhere to start from scratch.')
 
 
+def _write_failed(what: str, checkpoint_dir: str, error: Exception) -> UserError:
+  """One sentence for Orbax's error on a full disk, a vanished bucket, a bad path."""
+  return UserError(f'could not {what} to {checkpoint_dir} ({type(error).__name__}: '
+                   f'{str(error)[:300]}); the earlier checkpoints are intact. Free space or '
+                   'fix the workdir, then run again.')
+
+
 def _save(manager, checkpoint_dir, step, state, rows, train_iterator, config_dict) -> None:
   try:
     checkpoint_lib.save(manager, step, state, rows.start, pipeline.row_states(train_iterator),
                         config_dict)
-  except Exception as error:  # a full disk, a vanished bucket: Orbax's error, one sentence
-    raise UserError(f'could not write checkpoint {step} to {checkpoint_dir} '
-                    f'({type(error).__name__}: {str(error)[:300]}); the earlier checkpoints '
-                    'are intact. Free space or fix the workdir, then run again.') from None
+  except Exception as error:
+    raise _write_failed(f'write checkpoint {step}', checkpoint_dir, error) from None
 
 
 def _wait_for_saves(manager, checkpoint_dir) -> None:
   try:
     manager.wait_until_finished()
   except Exception as error:
-    raise UserError(f'could not finish writing a checkpoint to {checkpoint_dir} '
-                    f'({type(error).__name__}: {str(error)[:300]}); the earlier checkpoints '
-                    'are intact. Free space or fix the workdir, then run again.') from None
+    raise _write_failed('finish writing a checkpoint', checkpoint_dir, error) from None
 
 
 @dataclasses.dataclass
