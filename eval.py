@@ -78,7 +78,7 @@ def run():
     host = iter(trainer.host_batches(config, eval_source, tokenizer, rows, shuffle=False))
     batches = trainer.global_batches(host, batch_sharding, batch_size, rows)
     results['perplexity'] = evaluate.perplexity(model, batches, config.train.eval_batches,
-                                                tokenizer)
+                                                tokenizer, config.train.loss_chunks)
     print(f'{config.data.name}/{config.data.eval_split} at step {step}: ' + ', '.join(
         f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
         for k, v in results['perplexity'].items()))

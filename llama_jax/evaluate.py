@@ -1,6 +1,7 @@
 """Evaluation of a checkpoint: restore parameters onto any mesh, perplexity, multiple choice."""
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -62,19 +63,19 @@ def byte_lengths(tokenizer) -> np.ndarray:
   return lengths
 
 
-@nnx.jit
-def _nll_sums(model, batch, token_bytes):
+@functools.partial(nnx.jit, static_argnums=3)
+def _nll_sums(model, batch, token_bytes, loss_chunks):
   _, weight, nll = train_lib.token_losses(nnx.state(model, nnx.Param),
-                                          nnx.graphdef(model), batch, 0.0, True)
+                                          nnx.graphdef(model), batch, 0.0, True, loss_chunks)
   return nll, weight, jnp.sum(token_bytes[batch['targets']] * batch['weights'])
 
 
-def perplexity(model, batches, n_batches: int, tokenizer) -> dict:
+def perplexity(model, batches, n_batches: int, tokenizer, loss_chunks: int) -> dict:
   """Loss (nats per token), perplexity and bits per byte over n_batches global batches."""
   token_bytes = jnp.asarray(byte_lengths(tokenizer))
   nll, weight, n_bytes = 0.0, 0.0, 0.0
   for _ in range(n_batches):
-    batch_nll, batch_weight, batch_bytes = _nll_sums(model, next(batches), token_bytes)
+    batch_nll, batch_weight, batch_bytes = _nll_sums(model, next(batches), token_bytes, loss_chunks)
     nll, weight, n_bytes = nll + float(batch_nll), weight + float(batch_weight), n_bytes + float(
         batch_bytes)
   loss = nll / weight

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from llama_jax import cross_entropy
 from llama_jax import model as model_lib
 from llama_jax import sharding as sharding_lib
 
@@ -51,28 +52,28 @@ def graphdef_of(model_config):
   return nnx.split(model_lib.abstract_model(model_config), nnx.Param)[0]
 
 
-def token_losses(params, graphdef, batch, z_loss: float, segment_mask: bool):
-  """Sum of weighted per-token losses, sum of weights, sum of weighted NLL."""
+def token_losses(params, graphdef, batch, z_loss: float, segment_mask: bool, loss_chunks: int):
+  """Sum of weighted per-token losses, sum of weights, sum of weighted NLL.
+
+  The losses are computed `loss_chunks` slices of the sequence at a time (see
+  cross_entropy.py); only the first sum carries a gradient.
+  """
   model = nnx.merge(graphdef, params)
   if segment_mask:
-    logits, _ = model(batch['inputs'], batch['positions'], batch['segment_ids'])
+    x, _ = model.features(batch['inputs'], batch['positions'], batch['segment_ids'])
   else:
-    logits, _ = model(batch['inputs'])
-  # logits: [batch, length, vocab] float32
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logits = jnp.take_along_axis(logits, batch['targets'][..., None], axis=-1)[..., 0]
-  nll = log_z - target_logits
-  weights = batch['weights']
-  loss = nll + z_loss * jnp.square(log_z)
-  return jnp.sum(loss * weights), jnp.sum(weights), jnp.sum(nll * weights)
+    x, _ = model.features(batch['inputs'])
+  loss, nll = cross_entropy.cross_entropy(x, model.output[...], batch['targets'],
+                                          batch['weights'], z_loss, loss_chunks)
+  return loss, jnp.sum(batch['weights']), nll
 
 
 def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: int,
-               z_loss: float, segment_mask: bool, learning_rate):
+               z_loss: float, segment_mask: bool, loss_chunks: int, learning_rate):
   """One optimizer step on `batch` (dict of [batch, length] arrays); returns state, metrics."""
 
   def loss_sum(params, micro):
-    loss, weight, nll = token_losses(params, graphdef, micro, z_loss, segment_mask)
+    loss, weight, nll = token_losses(params, graphdef, micro, z_loss, segment_mask, loss_chunks)
     return loss, (weight, nll)
 
   def accumulate(carry, micro):
@@ -106,21 +107,21 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: i
   return new_state, metrics
 
 
-def eval_step(params, batch, *, graphdef, segment_mask: bool):
+def eval_step(params, batch, *, graphdef, segment_mask: bool, loss_chunks: int):
   """Sum of NLL and of weights over the batch (to average over many batches)."""
-  _, weight, nll = token_losses(params, graphdef, batch, 0.0, segment_mask)
+  _, weight, nll = token_losses(params, graphdef, batch, 0.0, segment_mask, loss_chunks)
   return nll, weight
 
 
 def jit_train_step(mesh, rules, state_shardings, *, graphdef, optimizer, learning_rate,
-                   microbatches, z_loss, segment_mask):
+                   microbatches, z_loss, segment_mask, loss_chunks):
   """The train step, jitted with the state's shardings and its buffers donated."""
 
   def step(state, batch):
     with sharding_lib.activation_sharding(mesh, rules):
       return train_step(state, batch, graphdef=graphdef, optimizer=optimizer,
                         microbatches=microbatches, z_loss=z_loss, segment_mask=segment_mask,
-                        learning_rate=learning_rate)
+                        loss_chunks=loss_chunks, learning_rate=learning_rate)
 
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -128,10 +129,11 @@ def jit_train_step(mesh, rules, state_shardings, *, graphdef, optimizer, learnin
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
-def jit_eval_step(mesh, rules, params_shardings, *, graphdef, segment_mask):
+def jit_eval_step(mesh, rules, params_shardings, *, graphdef, segment_mask, loss_chunks):
 
   def step(params, batch):
     with sharding_lib.activation_sharding(mesh, rules):
-      return eval_step(params, batch, graphdef=graphdef, segment_mask=segment_mask)
+      return eval_step(params, batch, graphdef=graphdef, segment_mask=segment_mask,
+                       loss_chunks=loss_chunks)
 
   return jax.jit(step, in_shardings=(params_shardings, sharding_lib.batch_sharding(mesh, rules)))

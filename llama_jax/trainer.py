@@ -60,6 +60,9 @@ def validate(config, mesh_sizes: dict, platform: str) -> model_lib.ModelConfig:
   check(micro_batch % data_parallel == 0,
         f'the batch per microbatch ({micro_batch} = train.batch_size / train.microbatches) '
         f'must be divisible by mesh.data x mesh.fsdp ({data_parallel}).')
+  check(train.loss_chunks > 0 and train.seq_len % train.loss_chunks == 0,
+        f'train.seq_len ({train.seq_len}) must be divisible by train.loss_chunks '
+        f'({train.loss_chunks}).')
   check(train.seq_len % mesh_sizes['sequence'] == 0,
         f'train.seq_len ({train.seq_len}) must be divisible by mesh.sequence '
         f'({mesh_sizes["sequence"]}).')
@@ -227,7 +230,7 @@ def setup(config, devices) -> Setup:
       mesh, rules, shardings, graphdef=train_lib.graphdef_of(model_config), optimizer=optimizer,
       learning_rate=optim.learning_rate_schedule(config.optim, config.train.steps),
       microbatches=config.train.microbatches, z_loss=config.train.z_loss,
-      segment_mask=config.data.segment_mask)
+      segment_mask=config.data.segment_mask, loss_chunks=config.train.loss_chunks)
   return Setup(model_config, mesh, rules, optimizer, abstract, shardings,
                sharding_lib.batch_sharding(mesh, rules), step,
                model_lib.count_params(model_lib.abstract_model(model_config)))
@@ -273,7 +276,8 @@ def train(config, workdir: str) -> dict:
   step_fn = built.train_step
   eval_fn = train_lib.jit_eval_step(mesh, rules, shardings.params,
                                     graphdef=train_lib.graphdef_of(model_config),
-                                    segment_mask=config.data.segment_mask)
+                                    segment_mask=config.data.segment_mask,
+                                    loss_chunks=config.train.loss_chunks)
 
   train_batches = global_batches(train_iterator, batch_sharding, batch_size, rows)
 

@@ -42,7 +42,7 @@ def make_batch(batch=8, length=16, seed=0):
           'weights': (segments[:, 1:] == segments[:, :-1]).astype(np.float32)}
 
 
-def run_step(mesh_sizes, batch, microbatches=1, devices=None):
+def run_step(mesh_sizes, batch, microbatches=1, devices=None, loss_chunks=1):
   mesh_config = ml_collections.ConfigDict(dict(zip(sharding_lib.MESH_AXES, mesh_sizes)))
   mesh = sharding_lib.make_mesh(mesh_config, devices)
   optimizer = optim.make_optimizer(optim_config(), train_steps=10)
@@ -52,7 +52,7 @@ def run_step(mesh_sizes, batch, microbatches=1, devices=None):
   step = train_lib.jit_train_step(
       mesh, RULES, shardings, graphdef=train_lib.graphdef_of(MODEL), optimizer=optimizer,
       learning_rate=optim.learning_rate_schedule(optim_config(), 10),
-      microbatches=microbatches, z_loss=1e-4, segment_mask=True)
+      microbatches=microbatches, z_loss=1e-4, segment_mask=True, loss_chunks=loss_chunks)
   batch = jax.device_put(batch, sharding_lib.batch_sharding(mesh, RULES))
   return step(state, batch)
 
@@ -82,6 +82,14 @@ def test_sharded_step_equals_single_device(mesh_sizes, single_device_step):
   assert mu.addressable_shards[0].data.shape == shard_shape
 
 
+def test_chunked_loss_on_a_sharded_sequence_equals_single_device(single_device_step):
+  want_state, want_metrics = single_device_step
+  state, metrics = run_step((1, 2, 2, 2), make_batch(), loss_chunks=4)
+  np.testing.assert_allclose(metrics['loss'], want_metrics['loss'], rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(want_state.params)):
+    np.testing.assert_allclose(got, want, atol=2e-6)
+
+
 def test_gradient_accumulation_equals_full_batch(single_device_step):
   want_state, want_metrics = single_device_step
   state, metrics = run_step((1, 1, 1, 1), make_batch(), microbatches=4,
@@ -95,7 +103,7 @@ def test_loss_matches_naive_cross_entropy():
   batch = make_batch()
   model = model_lib.Transformer(MODEL, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
-  loss, weight, _ = train_lib.token_losses(params, graphdef, batch, 0.0, True)
+  loss, weight, _ = train_lib.token_losses(params, graphdef, batch, 0.0, True, loss_chunks=1)
   logits, _ = model(batch['inputs'], batch['positions'], batch['segment_ids'])
   logits = np.asarray(logits, np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
