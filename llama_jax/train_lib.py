@@ -72,34 +72,40 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: i
                z_loss: float, segment_mask: bool, loss_chunks: int, learning_rate):
   """One optimizer step on `batch` (dict of [batch, length] arrays); returns state, metrics."""
 
-  def loss_sum(params, micro):
-    loss, weight, nll = token_losses(params, graphdef, micro, z_loss, segment_mask, loss_chunks)
-    return loss, (weight, nll)
+  # Every loss is divided by the batch's total weight up front: the gradients come out
+  # averaged, with no pass over them to divide.
+  total_weight = jnp.maximum(jnp.sum(batch['weights']), 1.0)
 
-  def accumulate(carry, micro):
-    grads, weight, nll = carry
-    (_, (w, n)), g = jax.value_and_grad(loss_sum, has_aux=True)(state.params, micro)
-    return (jax.tree.map(jnp.add, grads, g), weight + w, nll + n), None
+  def mean_loss(params, micro):
+    loss, _, nll = token_losses(params, graphdef, micro, z_loss, segment_mask, loss_chunks)
+    return loss / total_weight, nll / total_weight
 
-  # Microbatch i takes rows i, i + k, i + 2k, ...: every microbatch spans all devices.
-  split = lambda x: x.reshape(x.shape[0] // microbatches, microbatches,
-                              *x.shape[1:]).swapaxes(0, 1)
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
-  (grads, weight, nll), _ = jax.lax.scan(
-      accumulate, (zeros, jnp.zeros(()), jnp.zeros(())), jax.tree.map(split, batch))
-  weight = jnp.maximum(weight, 1.0)
-  grads = jax.tree.map(lambda g: g / weight, grads)
-  loss = nll / weight
+  if microbatches == 1:
+    (_, loss), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params, batch)
+  else:
+    def accumulate(carry, micro):
+      grads, loss = carry
+      (_, micro_loss), micro_grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params,
+                                                                                micro)
+      return (jax.tree.map(jnp.add, grads, micro_grads), loss + micro_loss), None
+
+    # Microbatch i takes rows i, i + k, i + 2k, ...: every microbatch spans all devices.
+    split = lambda x: x.reshape(x.shape[0] // microbatches, microbatches,
+                                *x.shape[1:]).swapaxes(0, 1)
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(())),
+                                    jax.tree.map(split, batch))
   grad_norm = optax.tree.norm(grads)
 
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  def update(_):
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return optax.apply_updates(state.params, updates), opt_state
+
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep_old = lambda new, old: jnp.where(finite, new, old)
+  params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state),
+                                   None)
   new_state = TrainState(
-      step=state.step + 1,
-      params=jax.tree.map(keep_old, params, state.params),
-      opt_state=jax.tree.map(keep_old, opt_state, state.opt_state),
+      step=state.step + 1, params=params, opt_state=opt_state,
       bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
       skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
   metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': learning_rate(state.step),
