@@ -48,7 +48,7 @@ def get_config():
   train.microbatches = 1  # gradient accumulation: the batch is split and scanned
   train.seed = 0  # parameter initialization and data order
   train.z_loss = 0.0  # weight of the log(Z)^2 auxiliary loss; 0 disables it
-  train.loss_chunks = 1  # the loss forms the logits of seq_len / loss_chunks positions at a time
+  train.loss_chunks = 8  # the loss forms the logits of seq_len / loss_chunks positions at a time
   train.eval_every = 1000  # steps between validation losses; 0 disables them
   train.eval_batches = 10  # validation batches per evaluation
   train.max_bad_steps = 10  # stop after this many consecutive non-finite losses

@@ -30,12 +30,16 @@ from llama_jax.sharding import constrain
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 # Rematerialization policies: what the backward pass keeps instead of recomputing.
+_policies = jax.checkpoint_policies
 REMAT_POLICIES = {
     'none': None,  # no jax.checkpoint: keep every activation
-    'full': jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
-    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmuls
-    'save_attention': jax.checkpoint_policies.save_only_these_names(  # keep q, k, v, attention
-        'query', 'key', 'value', 'attention_out'),
+    'full': _policies.nothing_saveable,  # keep only each block's input
+    # keep the projections' and attention's outputs; recompute norms, rotary, gates, softmax
+    'save_dots': _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable,
+        _policies.save_only_these_names('attention_out')),
+    # keep q, k, v and the attention output
+    'save_attention': _policies.save_only_these_names('query', 'key', 'value', 'attention_out'),
 }
 
 
