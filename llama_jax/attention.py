@@ -6,7 +6,7 @@ and, if segment ids are given, both carry the same segment id (packed documents)
 
 Implementations (config key `model.attention`):
   reference    materializes the [q_len, kv_len] scores and mask; the yardstick for tests,
-               and on CPU the fastest (2x `dot_product` there, benchmarks/attention.py).
+               and the fastest on CPU (benchmarks/attention.py).
   dot_product  `jax.nn.dot_product_attention`: XLA on CPU/TPU, cuDNN flash attention on GPU.
   blockwise    memory-efficient pure JAX: an online softmax over key blocks, with a
                hand-written backward pass, so no [q_len, kv_len] array exists in the forward

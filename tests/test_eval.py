@@ -65,7 +65,9 @@ def test_perplexity_equals_the_training_eval_loss(run):
   _, eval_source, _ = trainer.prepare_data(config.data, config.model.vocab_size)
   rows = range(config.train.batch_size)
   batches = iter(trainer.host_batches(config, eval_source, tokenizer, rows, shuffle=False))
-  result = evaluate.perplexity(model, batches, config.train.eval_batches, tokenizer)
+  assert config.train.loss_chunks == 1  # training evaluated whole sequences; here 4 chunks
+  result = evaluate.perplexity(model, batches, config.train.eval_batches, tokenizer,
+                               loss_chunks=4)
   assert result['loss'] == pytest.approx(run['eval_loss'], rel=1e-5)
   assert result['perplexity'] == pytest.approx(np.exp(result['loss']))
 
