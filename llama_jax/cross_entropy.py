@@ -17,7 +17,7 @@ from llama_jax.sharding import constrain
 
 
 def _to_chunks(x, chunks):
-  """[batch, length, ...] -> [chunks, batch, length / chunks, ...]; position t goes to chunk t % chunks.
+  """[batch, length, ...] -> [chunks, batch, length / chunks, ...]; t goes to chunk t % chunks.
 
   Interleaving keeps each chunk spread over the whole sequence, so a sequence-sharded
   length axis stays sharded the same way inside every chunk (no gather).

@@ -75,7 +75,8 @@ def perplexity(model, batches, n_batches: int, tokenizer, loss_chunks: int) -> d
   token_bytes = jnp.asarray(byte_lengths(tokenizer))
   nll, weight, n_bytes = 0.0, 0.0, 0.0
   for _ in range(n_batches):
-    batch_nll, batch_weight, batch_bytes = _nll_sums(model, next(batches), token_bytes, loss_chunks)
+    batch_nll, batch_weight, batch_bytes = _nll_sums(model, next(batches), token_bytes,
+                                                     loss_chunks)
     nll, weight, n_bytes = nll + float(batch_nll), weight + float(batch_weight), n_bytes + float(
         batch_bytes)
   loss = nll / weight

@@ -147,7 +147,7 @@ def project(x, w, contract: int = 1, out_dtype=None):
 
   Runs as one 2-D matmul [batch * length, in] @ [in, out]: XLA's backward pass of a
   batched einsum transposes activations inside elementwise fusions, which on CPU made
-  the backward 2x slower than the flat form.
+  the layers' backward 1.4x slower than the flat form.
   """
   lead, inner, outer = x.shape[:-contract], x.shape[-contract:], w.shape[contract:]
   y = jnp.matmul(x.reshape(math.prod(lead), math.prod(inner)), w.reshape(math.prod(inner), -1),
