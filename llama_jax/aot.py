@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from llama_jax import hlo
 from llama_jax import metrics as metrics_lib
 from llama_jax import trainer
 from llama_jax.errors import UserError
@@ -110,7 +111,6 @@ def memory_per_chip(compiled) -> dict:
   return memory
 
 
-
 GIB = 2**30
 _SUGGESTIONS = ('to fit: model.remat=full, a larger mesh.fsdp (or mesh.tensor), more '
                 'train.microbatches, or a bigger slice.')
@@ -149,6 +149,12 @@ def report(config, topology: str, slices: int, assumed_mfu: float, tokens: float
   print(f'compiled in {compile_s:.1f}s')
   print('HBM per chip: ' + ', '.join(f'{k} {v / GIB:.2f} GiB' for k, v in memory.items())
         + f' of {chip.hbm_bytes / GIB:.0f} GiB -> {"fits" if fits else "DOES NOT FIT"}')
+  text = compiled.as_text()
+  print('largest arrays on a chip: ' + ', '.join(
+      f'{shape} {size / GIB:.2f} GiB' for size, shape in hlo.largest_arrays(text, 3)))
+  print('collectives per step per chip: ' + ', '.join(
+      f'{kind} {ops} ops {size / GIB:.2f} GiB'
+      for kind, (ops, size) in hlo.collectives(text).items() if ops))
   print(f'model FLOPs per step {step_flops:.3e} (6N + causal attention)')
   print(f'assuming {assumed_mfu:.0%} MFU (an assumption, not a measurement): step '
         f'{step_s:.2f}s, {batch_tokens / step_s / chips:,.0f} tokens/s/chip, '

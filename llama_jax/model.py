@@ -291,7 +291,11 @@ class Transformer(nnx.Module):
                         f'({config.max_seq_len}); raise model.max_seq_len or shorten the input.')
     if positions is None:
       positions = jnp.broadcast_to(start + jnp.arange(length), (batch, length))
-    x = self.embedding[...].astype(config.compute_dtype)[tokens]  # [batch, length, embed]
+    # The table is gathered over its embed shards first (as FSDP does for every weight);
+    # left to itself XLA would gather the [batch, length, embed] activations of the whole
+    # global batch instead.
+    table = constrain(self.embedding[...].astype(config.compute_dtype), ('vocab', 'act_embed'))
+    x = table[tokens]  # [batch, length, embed]
     x = constrain(x, ('batch', 'length', 'act_embed'))
 
     if cache is not None:

@@ -51,26 +51,44 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   shape = mesh_shape(mesh_config, len(devices))
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   slices = len({getattr(device, 'slice_index', 0) for device in devices})
+  # Splitting physical axes lets e.g. tensor=2 x sequence=2 share one 4-chip torus axis.
   if slices == 1:
-    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    device_array = mesh_utils.create_device_mesh(shape, devices,
+                                                 allow_split_physical_axes=True)
+    return jax.sharding.Mesh(device_array, MESH_AXES, axis_types=axis_types)
   if shape[0] % slices:
     raise ConfigError(f'mesh.data ({shape[0]}) must be a multiple of the {slices} slices: '
                       'data parallelism is what runs across slices.')
   in_slice = (shape[0] // slices, *shape[1:])
-  device_array = mesh_utils.create_hybrid_device_mesh(in_slice, (slices, 1, 1, 1), devices)
+  device_array = mesh_utils.create_hybrid_device_mesh(in_slice, (slices, 1, 1, 1), devices,
+                                                      allow_split_physical_axes=True)
   return jax.sharding.Mesh(device_array, MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_mesh(logical_axes, rules) -> PartitionSpec:
-  """Maps logical axis names to a PartitionSpec; unknown names and reused mesh axes -> None."""
+  """Maps logical axis names to a PartitionSpec.
+
+  Each entry is a name, None (replicated), or a tuple of names for an axis flattened from
+  several (`('batch', 'length')` for [batch * length] tokens): it is split over the mesh
+  axes of all of them, in order, so a reshape keeps every sharding it was made of. A mesh
+  axis already used by an earlier entry is left out. A name with no rule is an error: a
+  silent fallback to "replicated" would put a whole global activation on every chip.
+  """
   rules, used, spec = dict(rules), set(), []
-  for name in logical_axes:
-    mesh_axes = rules.get(name)
-    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-    if used & set(mesh_axes):
-      mesh_axes = ()
-    used |= set(mesh_axes)
-    spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+  for entry in logical_axes:
+    mesh_axes = []
+    for name in (entry if isinstance(entry, tuple) else (entry,)):
+      if name is None:
+        continue
+      if name not in rules:
+        raise ConfigError(f'the logical axis {name!r} has no rule in config.mesh.rules; add '
+                          f"('{name}', None) to replicate it or map it to mesh axes.")
+      axes = rules[name]
+      mesh_axes += [axes] if isinstance(axes, str) else list(axes or ())
+    mesh_axes = [axis for axis in dict.fromkeys(mesh_axes) if axis not in used]
+    used.update(mesh_axes)
+    spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1
+                else tuple(mesh_axes))
   return PartitionSpec(*spec)
 
 

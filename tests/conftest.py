@@ -8,3 +8,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: takes a minute or more (deselect: -m "not slow")')

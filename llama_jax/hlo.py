@@ -1,0 +1,105 @@
+"""What a compiled step holds and sends on one chip, read from its optimized HLO text.
+
+After SPMD partitioning every array in the HLO is one device's piece, so the largest
+arrays show whether some activation lives whole on each chip, and the collectives show
+what crosses the interconnect per step (an op inside a loop counts once per iteration).
+"""
+
+import math
+import re
+
+_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4,
+          'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
+_ARRAY = re.compile(r'\b(' + '|'.join(_BYTES) + r')\[([0-9,]*)\]')
+_COMPUTATION = re.compile(r'^(?:ENTRY )?%([\w.\-]+) \(')
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$')
+COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all',
+               'collective-permute')
+
+
+def _array_bytes(text: str) -> list[tuple[int, str]]:
+  return [(math.prod(int(d) for d in dims.split(',') if d) * _BYTES[dtype], f'{dtype}[{dims}]')
+          for dtype, dims in _ARRAY.findall(text)]
+
+
+def largest_arrays(hlo_text: str, n: int = 5) -> list[tuple[int, str]]:
+  """The n largest distinct array shapes in the program: [(bytes, 'f32[512,32000]')]."""
+  return sorted(set(_array_bytes(hlo_text)), reverse=True)[:n]
+
+
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+  """Computation name -> its instruction lines; the entry computation is named 'ENTRY'."""
+  computations, current = {}, None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header and line.rstrip().endswith('{'):
+      current = 'ENTRY' if line.startswith('ENTRY') else header.group(1)
+      computations[current] = []
+    elif line.rstrip() == '}':  # (a kernel's multi-line config may start a line with '}')
+      current = None
+    elif current is not None:
+      computations[current].append(line)
+  return computations
+
+
+def _trip_count(while_line: str, condition: list[str]) -> int:
+  """Iterations of a while loop: XLA's known trip count, else the constant that the
+  condition's root compares the counter with."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"', while_line)
+  if known:
+    return int(known.group(1))
+  constants, root = {}, None
+  for line in condition:
+    match = _INSTRUCTION.match(line)
+    if match and match.group(3) == 'constant':
+      value = re.match(r'(-?\d+)\)', match.group(4))
+      if value:
+        constants[match.group(1)] = int(value.group(1))
+    if match and line.lstrip().startswith('ROOT'):
+      root = match.group(4)
+  operands = re.findall(r'%([\w.\-]+)', (root or '').split(')')[0])
+  return max((constants[name] for name in operands if name in constants), default=1)
+
+
+def _executions(computations: dict[str, list[str]]) -> dict[str, int]:
+  """How many times each computation runs per execution of the entry computation."""
+  runs = {'ENTRY': 1}
+  stack = ['ENTRY']
+  while stack:
+    name = stack.pop()
+    for line in computations.get(name, ()):
+      loop = re.search(r'condition=%?([\w.\-]+), body=%?([\w.\-]+)', line)
+      if loop:
+        callees = [(loop.group(2), _trip_count(line, computations.get(loop.group(1), [])))]
+      else:
+        callees = [(callee, 1) for callee in re.findall(
+            r'(?:calls|to_apply|branch_computations|true_computation|false_computation)='
+            r'\{?%?([\w.\-]+)', line)]
+      for callee, times in callees:
+        if callee in computations and callee not in runs:
+          runs[callee] = runs[name] * times
+          stack.append(callee)
+  return runs
+
+
+def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
+  """{kind: (ops per step, result bytes per chip per step)} for each collective kind.
+
+  Asynchronous pairs count once, at their `-done` op; a combined (tuple) collective counts
+  the bytes of all its results.
+  """
+  computations = _computations(hlo_text)
+  runs = _executions(computations)
+  totals = {kind: [0, 0] for kind in COLLECTIVES}
+  for name, lines in computations.items():
+    for line in lines:
+      match = _INSTRUCTION.match(line)
+      if not match:
+        continue
+      kind = match.group(3).removesuffix('-done')
+      if kind not in totals:  # (a '-start' op is counted at its '-done')
+        continue
+      times = runs.get(name, 0)
+      totals[kind][0] += times
+      totals[kind][1] += times * sum(size for size, _ in _array_bytes(match.group(2)))
+  return {kind: tuple(total) for kind, total in totals.items()}
