@@ -1,6 +1,6 @@
 """The README's fit table: the smallest v5p and v4 slice that holds each paper config.
 
-  python benchmarks/fit_table.py [--configs=llama_7b,llama_13b,llama_33b,llama_65b]
+  python -m benchmarks.fit_table [--configs=llama_7b,llama_13b,llama_33b,llama_65b]
 
 For each config (seq 2048, 4M-token batch) and chip family it compiles the real train
 step with llama_jax.aot on growing slices, with 1, 4 or 16 gradient-accumulation
@@ -8,11 +8,8 @@ microbatches, and prints a Markdown row for the first that fits (needs libtpu).
 """
 
 import importlib
-import os
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging
 

@@ -1,6 +1,6 @@
 """Soak test: a long run with frequent checkpoints; host memory, throughput, kept checkpoints.
 
-  python benchmarks/soak.py [--steps=3000] [--every=50] [--keep=3] [--workdir=/tmp/soak]
+  python -m benchmarks.soak [--steps=3000] [--every=50] [--keep=3] [--workdir=/tmp/soak]
 
 Runs train.py (the tiny config shrunk to dim 64 so thousands of steps take minutes) in a
 subprocess, samples its resident memory every second, and reports memory and tokens/s

@@ -1,6 +1,6 @@
 """Our train step against Hugging Face transformers + PyTorch on the same machine and shape.
 
-  python benchmarks/vs_pytorch.py [--dim=512 --layers=8 --heads=8 --vocab=32000 \
+  python -m benchmarks.vs_pytorch [--dim=512 --layers=8 --heads=8 --vocab=32000 \
       --seq=256 --batch=8 --rounds=3 --steps=3]
 
 For float32 and bfloat16 mixed precision (float32 master weights on both sides; torch
@@ -12,10 +12,7 @@ Needs the test extra (torch, transformers).
 """
 
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp

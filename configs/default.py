@@ -22,7 +22,7 @@ def get_config():
   model.rope_theta = 10000.0  # rotary embedding base
   model.max_seq_len = 2048  # longest sequence the model accepts
   model.dtype = 'bfloat16'  # compute dtype: bfloat16 | float32 | float16 (params are float32)
-  model.attention = 'auto'  # auto | reference | dot_product | blockwise (llama_jax/attention.py)
+  model.attention = 'auto'  # auto | reference | blockwise | splash | triton | cudnn (attention.py)
   model.remat = 'full'  # none | full | save_dots | save_attention (llama_jax/model.py)
   model.scan_layers = True  # scan over stacked layers; False loops (debugging)
 

@@ -5,53 +5,100 @@ with `heads` a multiple of `kv_heads`. Query i may see key j when j <= i + q_off
 and, if segment ids are given, both carry the same segment id (packed documents).
 
 Implementations (config key `model.attention`):
-  reference    materializes the [q_len, kv_len] scores and mask; the yardstick for tests,
-               and the fastest on CPU (benchmarks/attention.py).
-  dot_product  `jax.nn.dot_product_attention`: XLA on CPU/TPU, cuDNN flash attention on GPU.
-  blockwise    memory-efficient pure JAX: an online softmax over key blocks, with a
-               hand-written backward pass, so no [q_len, kv_len] array exists in the forward
-               or the backward pass (the paper's "memory-optimized causal attention").
-  splash       the Pallas TPU kernel (splash attention), run per device with shard_map over
-               batch and heads; lengths a multiple of 128. TPU only.
-  auto         reference on CPU, dot_product on GPU, splash on TPU.
-"""
+  reference  materializes the [q_len, kv_len] scores and mask; the yardstick for tests,
+             the fastest on CPU (benchmarks/attention.py), and the one cached decoding uses.
+  blockwise  memory-efficient pure JAX: an online softmax over key blocks, with a
+             hand-written backward pass, so no [q_len, kv_len] array exists in the forward
+             or the backward pass (the paper's "memory-optimized causal attention").
+  splash     the Pallas TPU kernel (splash attention).
+  triton     the Pallas GPU flash-attention kernel (jax.experimental.pallas.ops.gpu,
+             lowered by Triton), with segment ids; key/value heads repeated for GQA.
+  cudnn      cuDNN's fused flash attention (`jax.nn.dot_product_attention(...,
+             implementation='cudnn')`): GPU only, bfloat16/float16, no segment ids.
+  auto       the first of AUTO[platform] that handles the shape.
 
+The three kernels run per device (shard_map over batch and heads) on a mesh, self-attention
+only; the Pallas ones also run on a CPU in interpret mode, which is how the tests check them.
+"""
 
 import jax
 import jax.numpy as jnp
 
 from llama_jax import sharding as sharding_lib
+from llama_jax.errors import ConfigError
 
-IMPLEMENTATIONS = ('auto', 'reference', 'dot_product', 'blockwise', 'splash')
+IMPLEMENTATIONS = ('auto', 'reference', 'blockwise', 'splash', 'triton', 'cudnn')
+# What `auto` tries, in order, by platform; blockwise handles every self-attention shape.
+AUTO = {'tpu': ('splash', 'blockwise'), 'gpu': ('cudnn', 'triton', 'blockwise'),
+        'cpu': ('reference',)}
+KERNEL_BLOCK = 128  # the Pallas kernels' block along the sequence
+BLOCKWISE_BLOCK = 512
 
 # Finite stand-in for -inf: keeps exp() and max() free of NaNs for fully masked rows.
 _MASKED = -1e30
 
 
-def resolve_implementation(implementation: str, backend: str | None = None) -> str:
-  """Turns 'auto' into the default implementation for `backend` (the default backend)."""
-  if implementation != 'auto':
-    return implementation
-  backend = backend or jax.default_backend()
-  return {'tpu': 'splash', 'cpu': 'reference'}.get(backend, 'dot_product')
+def unsupported(implementation: str, *, platform: str, length: int, head_dim: int, dtype,
+                segments: bool, block: int = KERNEL_BLOCK) -> str | None:
+  """Why `implementation` cannot run causal self-attention of this shape (None if it can)."""
+  if implementation in ('splash', 'triton'):
+    home = 'tpu' if implementation == 'splash' else 'gpu'
+    if platform not in (home, 'cpu'):
+      return f'runs on {home.upper()}s (and on a CPU in interpret mode, for tests)'
+    if length % min(block, length):
+      return f'needs a sequence length that is a multiple of {block}, not {length}'
+  if implementation == 'cudnn':
+    if platform != 'gpu':
+      return 'runs on GPUs only'
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+      return f'needs model.dtype bfloat16 or float16, not {jnp.dtype(dtype).name}'
+    if head_dim % 8 or head_dim > 128:
+      return f'needs a head_dim (dim / n_heads) that is a multiple of 8 up to 128, not {head_dim}'
+    if segments:
+      return ('cannot keep attention inside packed documents; set data.segment_mask=False '
+              'or use model.attention=triton')
+  return None
 
 
-def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *,
-              implementation='reference', q_offset=0, block_size=512):
-  """Causal attention; returns [batch, q_len, heads, head_dim] in q's dtype."""
-  implementation = resolve_implementation(implementation)
+def resolve_implementation(implementation: str, platform: str, *, length: int, head_dim: int,
+                           dtype, segments: bool, block: int = KERNEL_BLOCK) -> str:
+  """`auto` -> the implementation for this platform and shape; an explicit one that cannot
+  run it raises ConfigError saying what would."""
+  shape = dict(platform=platform, length=length, head_dim=head_dim, dtype=dtype,
+               segments=segments, block=block)
+  if implementation == 'auto':
+    return next((name for name in AUTO.get(platform, ()) if not unsupported(name, **shape)),
+                'blockwise')
+  if implementation not in IMPLEMENTATIONS:
+    raise ConfigError(f'model.attention is {implementation!r}; use one of '
+                      f'{", ".join(IMPLEMENTATIONS)}.')
+  reason = unsupported(implementation, **shape)
+  if reason:
+    raise ConfigError(f'model.attention={implementation} {reason}; use model.attention=auto '
+                      f'(here: {resolve_implementation("auto", **shape)}).')
+  return implementation
+
+
+def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, implementation='reference',
+              block_size=None):
+  """Causal self-attention; returns [batch, q_len, heads, head_dim] in q's dtype.
+
+  `block_size` overrides the blocks of blockwise and the Pallas kernels (tests use small ones).
+  """
+  platform, length, head_dim = sharding_lib.compute_platform(), q.shape[1], q.shape[-1]
+  block = block_size or (BLOCKWISE_BLOCK if implementation == 'blockwise' else KERNEL_BLOCK)
+  implementation = resolve_implementation(
+      implementation, platform, length=length, head_dim=head_dim, dtype=q.dtype,
+      segments=q_segment_ids is not None, block=block)
   if implementation == 'reference':
-    return reference_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset)
-  if implementation == 'dot_product':
-    return _dot_product_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset)
+    return reference_attention(q, k, v, q_segment_ids, kv_segment_ids)
+  if q.shape[1] != k.shape[1]:
+    raise ValueError(f'{implementation} attention needs self-attention (q_len == kv_len).')
   if implementation == 'blockwise':
-    if q.shape[1] != k.shape[1] or not (isinstance(q_offset, int) and q_offset == 0):
-      raise ValueError('blockwise attention needs self-attention (q_len == kv_len, q_offset 0).')
-    return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, block_size)
-  if implementation == 'splash':
-    return splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
-  raise ValueError(f'unknown attention implementation {implementation!r}; '
-                   f'use one of {", ".join(IMPLEMENTATIONS)}.')
+    return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, block)
+  kernel = {'splash': _splash_kernel, 'triton': _triton_kernel, 'cudnn': _cudnn_kernel}
+  return _per_device(kernel[implementation], q, k, v, q_segment_ids,
+                     block=min(block, length), interpret=platform == 'cpu')
 
 
 def causal_mask(q_len, kv_len, q_offset=0, q_segment_ids=None, kv_segment_ids=None):
@@ -86,14 +133,6 @@ def reference_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_offs
   out = jnp.einsum('bkqs,bksh->bkqh', probs, v)  # [batch, kv_heads, group * q_len, head_dim]
   out = out.reshape(batch, kv_heads, group, q_len, head_dim).transpose(0, 3, 1, 2, 4)
   return out.reshape(batch, q_len, heads, head_dim)
-
-
-def _dot_product_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset):
-  plain_causal = q_segment_ids is None and isinstance(q_offset, int) and q_offset == 0
-  if plain_causal and q.shape[1] == k.shape[1]:
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-  mask = causal_mask(q.shape[1], k.shape[1], q_offset, q_segment_ids, kv_segment_ids)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
 
 
 # ---------------------------------------------------------------------------
@@ -226,43 +265,60 @@ _flash.defvjp(_flash_forward, _flash_backward)
 
 
 # ---------------------------------------------------------------------------
-# Splash attention: the Pallas TPU kernel, one call per device.
+# Kernels: one call per device on a mesh.
 
 
-def _splash_kernel(heads: int, length: int):
+def _per_device(kernel, q, k, v, segment_ids, **options):
+  """Runs kernel(q, k, v, segment_ids, **options) on each device's batch rows and heads.
+
+  A kernel is a custom call XLA cannot split, so on a mesh it runs under shard_map: whole
+  sequences per device (gathered if the sequence axis splits them), heads split over
+  `tensor`. Outside a mesh it runs as is.
+  """
+  if segment_ids is None:
+    segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+  run = lambda q, k, v, segment_ids: kernel(q, k, v, segment_ids, **options)
+  mesh_and_rules = sharding_lib.current_mesh_and_rules()
+  if mesh_and_rules is None:
+    return run(q, k, v, segment_ids)
+  mesh, rules = mesh_and_rules
+  heads = sharding_lib.logical_to_mesh(('batch', None, 'act_heads', None), rules)
+  segments = sharding_lib.logical_to_mesh(('batch', None), rules)
+  return jax.shard_map(run, mesh=mesh, in_specs=(heads, heads, heads, segments),
+                       out_specs=heads, check_vma=False)(q, k, v, segment_ids)
+
+
+def _splash_kernel(q, k, v, segment_ids, *, block, interpret):
+  """The Pallas TPU splash kernel: [heads, length, head_dim] per sequence, q pre-scaled."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
-  block = min(512, length)
+  length, heads, head_dim = q.shape[1], q.shape[2], q.shape[3]
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                             block_q_dq=block, block_kv_dq=block)
   mask = masks.MultiHeadMask([masks.CausalMask((length, length)) for _ in range(heads)])
-  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1), splash
+  kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
+  heads_first = lambda x: x.transpose(0, 2, 1, 3)
+  out = jax.vmap(kernel)(heads_first(q * head_dim**-0.5), heads_first(k), heads_first(v),
+                         segment_ids=splash.SegmentIds(q=segment_ids, kv=segment_ids))
+  return heads_first(out)
 
 
-def splash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None):
-  """Causal self-attention with the splash kernel; shard_map over batch and heads on a mesh."""
-  length, head_dim = q.shape[1], q.shape[-1]
-  if length % 128:
-    raise ValueError(f'splash attention needs a length that is a multiple of 128, not {length}.')
-  if q_segment_ids is None:
-    q_segment_ids = kv_segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+def _triton_kernel(q, k, v, segment_ids, *, block, interpret):
+  """The Pallas GPU flash-attention kernel; it wants as many key/value heads as queries."""
+  from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+  group = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  backward = min(32, block)
+  sizes = gpu_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=backward,
+                                   block_kv_dkv=backward, block_q_dq=backward,
+                                   block_kv_dq=backward)
+  return gpu_attention.mha(q, k, v, segment_ids, sm_scale=q.shape[-1]**-0.5, causal=True,
+                           block_sizes=sizes, interpret=interpret)
 
-  def per_device(q, k, v, q_segment_ids, kv_segment_ids):
-    # The kernel takes [heads, length, head_dim] per sequence and does not scale q.
-    kernel, splash = _splash_kernel(q.shape[2], length)
-    to_heads_first = lambda x: x.transpose(0, 2, 1, 3)
-    segments = splash.SegmentIds(q=q_segment_ids, kv=kv_segment_ids)
-    out = jax.vmap(kernel)(to_heads_first(q * head_dim**-0.5), to_heads_first(k),
-                           to_heads_first(v), segment_ids=segments)
-    return to_heads_first(out)
 
-  mesh_and_rules = sharding_lib.current_mesh_and_rules()
-  if mesh_and_rules is None:
-    return per_device(q, k, v, q_segment_ids, kv_segment_ids)
-  mesh, rules = mesh_and_rules
-  # Whole sequences per device (gathered if the sequence axis splits them), heads split.
-  heads = sharding_lib.logical_to_mesh(('batch', None, 'act_heads', None), rules)
-  segments = sharding_lib.logical_to_mesh(('batch', None), rules)
-  return jax.shard_map(per_device, mesh=mesh, in_specs=(heads, heads, heads, segments, segments),
-                       out_specs=heads, check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
+def _cudnn_kernel(q, k, v, segment_ids, *, block, interpret):
+  """cuDNN's fused attention; plain causal (resolve_implementation refuses segment ids)."""
+  del segment_ids, block, interpret
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')

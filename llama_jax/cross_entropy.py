@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from llama_jax.sharding import constrain
+from llama_jax.sharding import compute_platform, constrain
 
 
 def _to_chunks(x, chunks):
@@ -37,25 +37,28 @@ def _chunk_losses(x, w, targets, weights, z_loss):
 
   x: [batch, chunk_len, embed]; w: [embed, vocab] in x's dtype; targets, weights:
   [batch, chunk_len]. Returns loss_sum, nll_sum, dx [batch, chunk_len, embed] and
-  dw [embed, vocab] float32.
+  dw [embed, vocab] float32. The token axes are flattened on CPU only (see model.project).
   """
-  batch, chunk_len, embed = x.shape
-  x2 = x.reshape(batch * chunk_len, embed)  # 2-D matmuls: see model.project
-  logits = jnp.matmul(x2, w, preferred_element_type=jnp.float32)  # [tokens, vocab]
-  logits = constrain(logits, (('batch', 'length'), 'act_vocab'))
-  targets, weights = targets.reshape(-1), weights.reshape(-1)
-  log_z = jax.nn.logsumexp(logits, axis=-1)  # [tokens]
-  target_logits = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+  shape = x.shape
+  logit_axes = ('batch', 'length', 'act_vocab')
+  if compute_platform() == 'cpu':
+    x, targets, weights = x.reshape(-1, shape[-1]), targets.reshape(-1), weights.reshape(-1)
+    logit_axes = (('batch', 'length'), 'act_vocab')
+  logits = jnp.matmul(x, w, preferred_element_type=jnp.float32)  # [*tokens, vocab]
+  logits = constrain(logits, logit_axes)
+  log_z = jax.nn.logsumexp(logits, axis=-1)  # [*tokens]
+  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   nll = log_z - target_logits
   loss_sum = jnp.sum(weights * (nll + z_loss * jnp.square(log_z)))
   nll_sum = jnp.sum(weights * nll)
   # d loss_sum / d logits = w (1 + 2 z log_z) softmax - w onehot(target)
-  softmax = jnp.exp(logits - log_z[:, None])
-  dlogits = (weights * (1 + 2 * z_loss * log_z))[:, None] * softmax
-  dlogits = dlogits - weights[:, None] * jax.nn.one_hot(targets, w.shape[1], dtype=jnp.float32)
+  softmax = jnp.exp(logits - log_z[..., None])
+  dlogits = (weights * (1 + 2 * z_loss * log_z))[..., None] * softmax
+  dlogits = dlogits - weights[..., None] * jax.nn.one_hot(targets, w.shape[1], dtype=jnp.float32)
   dlogits = dlogits.astype(x.dtype)
-  dx = jnp.matmul(dlogits, w.T).reshape(batch, chunk_len, embed)
-  dw = jnp.matmul(x2.T, dlogits, preferred_element_type=jnp.float32)
+  dx = jnp.matmul(dlogits, w.T).reshape(shape)
+  tokens = tuple(range(x.ndim - 1))
+  dw = jnp.tensordot(x, dlogits, axes=(tokens, tokens), preferred_element_type=jnp.float32)
   return loss_sum, nll_sum, dx, dw
 
 

@@ -25,7 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax import attention as attention_lib
 from llama_jax.errors import ConfigError
-from llama_jax.sharding import constrain
+from llama_jax.sharding import compute_platform, constrain
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -145,10 +145,13 @@ class LayerCache(NamedTuple):
 def project(x, w, contract: int = 1, out_dtype=None):
   """Contracts x's last `contract` axes with w's first ones: [batch, length, *in] @ [*in, *out].
 
-  Runs as one 2-D matmul [batch * length, in] @ [in, out]: XLA's backward pass of a
-  batched einsum transposes activations inside elementwise fusions, which on CPU made
-  the layers' backward 1.4x slower than the flat form.
+  On TPU and GPU one dot_general over the unflattened axes, so a length axis split over
+  `sequence` stays split; flattening [batch, length] there costs all-to-alls and memory
+  (README, "Matmul layout"). On CPU one 2-D matmul [batch * length, in] @ [in, out]: XLA:CPU's
+  backward of the batched form transposes activations inside fusions (1.4x slower).
   """
+  if compute_platform() != 'cpu':
+    return jnp.tensordot(x, w, axes=contract, preferred_element_type=out_dtype)
   lead, inner, outer = x.shape[:-contract], x.shape[-contract:], w.shape[contract:]
   y = jnp.matmul(x.reshape(math.prod(lead), math.prod(inner)), w.reshape(math.prod(inner), -1),
                  preferred_element_type=out_dtype)

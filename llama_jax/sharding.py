@@ -123,6 +123,14 @@ def current_mesh_and_rules():
   return _context
 
 
+def compute_platform() -> str:
+  """The platform being traced for: the devices of the mesh in context (which may be a TPU
+  topology compiled ahead of time on a CPU host), else JAX's default backend."""
+  if _context is None:
+    return jax.default_backend()
+  return _context[0].devices.flat[0].platform
+
+
 def constrain(x, logical_axes):
   """Constrains activation x to the mesh axes its logical axes map to (no-op outside)."""
   if _context is None:

@@ -40,9 +40,10 @@ def validate(config, mesh_sizes: dict, platform: str) -> model_lib.ModelConfig:
   Its `auto` attention is resolved for `platform` (the devices the step compiles for).
   """
   model_config = model_lib.ModelConfig.from_config(config.model)
-  model_config = dataclasses.replace(model_config, attention=attention_lib.resolve_implementation(
-      model_config.attention, platform))
   train = config.train
+  model_config = dataclasses.replace(model_config, attention=attention_lib.resolve_implementation(
+      model_config.attention, platform, length=train.seq_len, head_dim=model_config.head_dim,
+      dtype=model_config.compute_dtype, segments=config.data.segment_mask))
 
   def check(ok, message):
     if not ok:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from llama_jax import attention as attention_lib
+from llama_jax.errors import ConfigError
 
 
 def naive_attention(q, k, v, segment_ids):
@@ -47,21 +48,17 @@ def test_reference_matches_naive_loop(heads, kv_heads, with_segments):
   np.testing.assert_allclose(out, expected, atol=2e-6)
 
 
-@pytest.mark.parametrize('implementation', ['dot_product', 'blockwise'])
-@pytest.mark.parametrize('length', [1, 16, 37])
-@pytest.mark.parametrize('heads,kv_heads', [(4, 4), (4, 2)])
-@pytest.mark.parametrize('with_segments', [False, True])
-def test_implementation_matches_reference(implementation, length, heads, kv_heads,
-                                          with_segments):
+def check_against_reference(implementation, length, heads, kv_heads, with_segments, block):
+  """Forward and gradients of `implementation` equal the reference's (float32)."""
   q, k, v, segments = random_inputs(length, heads, kv_heads, with_segments, seed=length)
   cotangent = jax.random.normal(jax.random.PRNGKey(7), q.shape)
 
   def loss(attention_fn, q, k, v):
     return jnp.sum(attention_fn(q, k, v) * cotangent)
 
-  def candidate(q, k, v):  # block size 16: several blocks, and lengths that do not divide it
+  def candidate(q, k, v):
     return attention_lib.attention(q, k, v, segments, segments, implementation=implementation,
-                                   block_size=16)
+                                   block_size=block)
 
   def reference(q, k, v):
     return attention_lib.reference_attention(q, k, v, segments, segments)
@@ -73,18 +70,56 @@ def test_implementation_matches_reference(implementation, length, heads, kv_head
     np.testing.assert_allclose(grad, want, atol=2e-5)
 
 
-def test_blockwise_never_builds_a_length_by_length_array():
-  length, block = 1024, 128
-  q, k, v, _ = random_inputs(length, 2, 2, False)
-  grad_fn = jax.grad(lambda q, k, v: attention_lib.blockwise_attention(
-      q, k, v, block_size=block).sum(), argnums=(0, 1, 2))
+@pytest.mark.parametrize('length', [1, 16, 37])  # block 16: several, and lengths not dividing it
+@pytest.mark.parametrize('heads,kv_heads', [(4, 4), (4, 2)])
+@pytest.mark.parametrize('with_segments', [False, True])
+def test_blockwise_matches_reference(length, heads, kv_heads, with_segments):
+  check_against_reference('blockwise', length, heads, kv_heads, with_segments, block=16)
+
+
+# One block and several; splash's blocks are multiples of the TPU's 128 lanes.
+@pytest.mark.parametrize('implementation,length,block', [
+    ('splash', 128, 128), ('splash', 256, 128), ('triton', 16, 16), ('triton', 48, 16)])
+@pytest.mark.parametrize('heads,kv_heads', [(4, 4), (4, 2)])
+def test_pallas_kernel_matches_reference_in_interpret_mode(implementation, length, block,
+                                                           heads, kv_heads):
+  """The TPU and GPU kernels themselves, run by Pallas' interpreter on the CPU, with packed
+  documents whose boundaries fall inside blocks."""
+  check_against_reference(implementation, length, heads, kv_heads, True, block=block)
+
+
+@pytest.mark.parametrize('implementation', ['blockwise', 'splash', 'triton'])
+def test_training_attention_never_builds_a_length_by_length_array(implementation):
+  """Forward and backward hold no [.., length, length, ..] array (the kernels as lowered
+  for the CPU's interpreter, block by block)."""
+  length = 1024
+  q, k, v, segments = random_inputs(length, 2, 2, True)
+  grad_fn = jax.grad(lambda q, k, v: attention_lib.attention(
+      q, k, v, segments, segments, implementation=implementation, block_size=128).sum(),
+                     argnums=(0, 1, 2))
   square = f'{length}x{length}x'  # a [.., length, length, ..] tensor in StableHLO text
   assert square not in jax.jit(grad_fn).lower(q, k, v).as_text()
   reference_grad = jax.grad(lambda q: attention_lib.reference_attention(q, k, v).sum())
   assert square in jax.jit(reference_grad).lower(q).as_text()  # the check can fail
 
 
-def test_auto_resolves_per_backend():
-  assert attention_lib.resolve_implementation('auto', 'cpu') == 'reference'
-  assert attention_lib.resolve_implementation('auto', 'gpu') == 'dot_product'
-  assert attention_lib.resolve_implementation('auto', 'tpu') == 'splash'
+def test_auto_resolves_per_platform_and_shape():
+  def resolve(platform, length=2048, dtype=jnp.bfloat16, segments=True, implementation='auto'):
+    return attention_lib.resolve_implementation(implementation, platform, length=length,
+                                                head_dim=128, dtype=dtype, segments=segments)
+  assert resolve('cpu') == 'reference'
+  assert resolve('tpu') == 'splash'
+  assert resolve('tpu', length=2000) == 'blockwise'
+  assert resolve('gpu', segments=False) == 'cudnn'
+  assert resolve('gpu') == 'triton'  # cuDNN cannot mask packed documents
+  assert resolve('gpu', dtype=jnp.float32, segments=False) == 'triton'
+  assert resolve('gpu', length=1000) == 'blockwise'
+  with pytest.raises(ConfigError, match='model.attention=cudnn cannot keep attention inside '
+                     'packed documents.*data.segment_mask=False.*auto \\(here: triton\\)'):
+    resolve('gpu', implementation='cudnn')
+  with pytest.raises(ConfigError, match='splash runs on TPUs'):
+    resolve('gpu', implementation='splash')
+  with pytest.raises(ConfigError, match='multiple of 128, not 2000'):
+    resolve('gpu', length=2000, implementation='triton')
+  with pytest.raises(ConfigError, match='cudnn needs model.dtype bfloat16 or float16'):
+    resolve('gpu', dtype=jnp.float32, segments=False, implementation='cudnn')

@@ -1,5 +1,6 @@
 """The sharded train step on 8 simulated CPU devices, the optimizer and its schedule."""
 
+import dataclasses
 import math
 
 import jax
@@ -42,15 +43,15 @@ def make_batch(batch=8, length=16, seed=0):
           'weights': (segments[:, 1:] == segments[:, :-1]).astype(np.float32)}
 
 
-def run_step(mesh_sizes, batch, microbatches=1, devices=None, loss_chunks=1):
+def run_step(mesh_sizes, batch, microbatches=1, devices=None, loss_chunks=1, model=MODEL):
   mesh_config = ml_collections.ConfigDict(dict(zip(sharding_lib.MESH_AXES, mesh_sizes)))
   mesh = sharding_lib.make_mesh(mesh_config, devices)
   optimizer = optim.make_optimizer(optim_config(), train_steps=10)
-  abstract = train_lib.abstract_state(MODEL, optimizer)
+  abstract = train_lib.abstract_state(model, optimizer)
   shardings = sharding_lib.state_shardings(abstract, mesh, RULES)
-  state = train_lib.create_sharded_state(0, MODEL, optimizer, shardings)
+  state = train_lib.create_sharded_state(0, model, optimizer, shardings)
   step = train_lib.jit_train_step(
-      mesh, RULES, shardings, graphdef=train_lib.graphdef_of(MODEL), optimizer=optimizer,
+      mesh, RULES, shardings, graphdef=train_lib.graphdef_of(model), optimizer=optimizer,
       learning_rate=optim.learning_rate_schedule(optim_config(), 10),
       microbatches=microbatches, z_loss=1e-4, segment_mask=True, loss_chunks=loss_chunks)
   batch = jax.device_put(batch, sharding_lib.batch_sharding(mesh, RULES))
@@ -86,6 +87,23 @@ def test_chunked_loss_on_a_sharded_sequence_equals_single_device(single_device_s
   want_state, want_metrics = single_device_step
   state, metrics = run_step((1, 2, 2, 2), make_batch(), loss_chunks=4)
   np.testing.assert_allclose(metrics['loss'], want_metrics['loss'], rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(want_state.params)):
+    np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+@pytest.mark.parametrize('attention,mesh_sizes', [
+    ('splash', (1, 8, 1, 1)), ('splash', (1, 2, 2, 2)), ('splash', (2, 1, 2, 2)),
+    ('triton', (1, 2, 2, 2))])
+def test_pallas_kernel_in_the_sharded_step_equals_reference(attention, mesh_sizes):
+  """A Pallas kernel (interpreted on the CPU) under shard_map on fsdp, tensor and
+  sequence meshes: the same loss, gradient norm and updated parameters as `reference`."""
+  model = dataclasses.replace(MODEL, max_seq_len=128)
+  batch = make_batch(length=128)
+  want_state, want_metrics = run_step(mesh_sizes, batch, model=model)
+  state, metrics = run_step(mesh_sizes, batch,
+                            model=dataclasses.replace(model, attention=attention))
+  np.testing.assert_allclose(metrics['loss'], want_metrics['loss'], rtol=1e-5)
+  np.testing.assert_allclose(metrics['grad_norm'], want_metrics['grad_norm'], rtol=1e-4)
   for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(want_state.params)):
     np.testing.assert_allclose(got, want, atol=2e-6)
 
