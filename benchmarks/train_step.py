@@ -1,18 +1,14 @@
 """Train-step benchmark: tokens/s, TFLOP/s per device, MFU and peak memory of a config.
 
-  python benchmarks/train_step.py --config=configs/tiny.py [--config.model.remat=none] \
+  python -m benchmarks.train_step --config=configs/tiny.py [--config.model.remat=none] \
       [--config.mesh.fsdp=-1] [--steps=20]
-  python benchmarks/train_step.py --config=configs/llama_7b.py --config.model.n_layers=80 \
+  python -m benchmarks.train_step --config=configs/llama_7b.py --config.model.n_layers=80 \
       --compile_only    # compile time against depth
 
 Times the real jitted train step (compile excluded) on random tokens, on all devices.
 """
 
-import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import numpy as np
@@ -23,11 +19,54 @@ from llama_jax import aot
 from llama_jax import metrics as metrics_lib
 from llama_jax import train_lib, trainer
 
-config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config file.')
-flags.DEFINE_integer('steps', 20, 'Timed steps (after 2 warm-up steps).')
-flags.DEFINE_bool('compile_only', False, 'Only compile (shape-only state: any model size) and '
-                  'print the compile time.')
 FLAGS = flags.FLAGS
+
+
+def random_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> dict:
+  """Random tokens as one document per row: [batch, length] numpy arrays."""
+  tokens = np.random.default_rng(seed).integers(0, vocab_size, (batch_size, seq_len + 1),
+                                                dtype=np.int32)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+          'segment_ids': np.ones((batch_size, seq_len), np.int32),
+          'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                       (batch_size, seq_len)),
+          'weights': np.ones((batch_size, seq_len), np.float32)}
+
+
+def measure(config, devices, steps: int) -> dict:
+  """Compiles and times train.py's step on random tokens; returns its figures.
+
+  Keys: compile_s, step_s, tokens_per_s, tflops_per_device, mfu (None without a known
+  peak), compiled_gib (XLA's memory analysis per device), peak_gib (the allocator's peak,
+  None where the device does not report it), and `built` (the trainer.Setup).
+  """
+  built = trainer.setup(config, devices)
+  model_config = built.model_config
+  state = train_lib.create_sharded_state(0, model_config, built.optimizer, built.shardings)
+  batch_size, seq_len = config.train.batch_size, config.train.seq_len
+  batch = jax.device_put(random_batch(model_config.vocab_size, batch_size, seq_len),
+                         built.batch_sharding)
+  start = time.perf_counter()
+  compiled = built.train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(2):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  step_s = (time.perf_counter() - start) / steps
+  tokens_per_s = batch_size * seq_len / step_s
+  tflops = metrics_lib.flops_per_token(model_config, seq_len, built.n_params) * tokens_per_s / (
+      len(devices) * 1e12)
+  peak = metrics_lib.peak_flops_per_device(devices[0], config.logging.cpu_peak_tflops)
+  memory = devices[0].memory_stats() or {}
+  return {'compile_s': compile_s, 'step_s': step_s, 'tokens_per_s': tokens_per_s,
+          'tflops_per_device': tflops, 'mfu': tflops * 1e12 / peak if peak else None,
+          'compiled_gib': aot.memory_per_chip(compiled)['total'] / 2**30,
+          'peak_gib': memory['peak_bytes_in_use'] / 2**30 if 'peak_bytes_in_use' in memory
+          else None, 'built': built}
 
 
 def main(argv):
@@ -40,44 +79,24 @@ def main(argv):
     print(f'{config.model.n_layers} layers of dim {config.model.dim}: compiled in '
           f'{time.perf_counter() - start:.1f}s on {len(devices)} {devices[0].device_kind}')
     return
-  built = trainer.setup(config, devices)
-  model_config, mesh, step = built.model_config, built.mesh, built.train_step
-  state = train_lib.create_sharded_state(0, model_config, built.optimizer, built.shardings)
-  batch_size, seq_len = config.train.batch_size, config.train.seq_len
-  tokens = np.random.default_rng(0).integers(0, model_config.vocab_size,
-                                             (batch_size, seq_len + 1), dtype=np.int32)
-  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-           'segment_ids': np.ones((batch_size, seq_len), np.int32),
-           'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)),
-           'weights': np.ones((batch_size, seq_len), np.float32)}
-  batch = jax.device_put(batch, built.batch_sharding)
-
-  start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
-  for _ in range(2):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for _ in range(FLAGS.steps):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  seconds = (time.perf_counter() - start) / FLAGS.steps
-
-  n_params = built.n_params
-  tokens_per_s = batch_size * seq_len / seconds
-  tflops = metrics_lib.flops_per_token(model_config, seq_len, n_params) * tokens_per_s / len(
-      devices) / 1e12
-  peak = metrics_lib.peak_flops_per_device(devices[0], config.logging.cpu_peak_tflops)
-  memory = devices[0].memory_stats() or {}
-  print(f'device: {len(devices)} x {devices[0].device_kind}; mesh {dict(mesh.shape)}')
-  print(f'model: {n_params:,} params, dtype {model_config.dtype}, remat {model_config.remat}, '
-        f'attention {model_config.attention}; batch {batch_size} x {seq_len}')
-  print(f'compile: {compile_s:.1f}s  step: {seconds * 1e3:.1f}ms  tokens/s: {tokens_per_s:,.0f}  '
-        f'TFLOP/s/device: {tflops:.3f}  MFU: {tflops * 1e12 / peak:.1%} (peak {peak / 1e12:g}T)')
-  if 'peak_bytes_in_use' in memory:
-    print(f'peak memory per device: {memory["peak_bytes_in_use"] / 2**30:.2f} GiB')
+  result = measure(config, devices, FLAGS.steps)
+  built = result['built']
+  model_config = built.model_config
+  print(f'device: {len(devices)} x {devices[0].device_kind}; mesh {dict(built.mesh.shape)}')
+  print(f'model: {built.n_params:,} params, dtype {model_config.dtype}, remat '
+        f'{model_config.remat}, attention {model_config.attention}; batch '
+        f'{config.train.batch_size} x {config.train.seq_len}')
+  mfu = f'{result["mfu"]:.1%}' if result['mfu'] is not None else 'n/a (peak unknown)'
+  print(f'compile: {result["compile_s"]:.1f}s  step: {result["step_s"] * 1e3:.1f}ms  '
+        f'tokens/s: {result["tokens_per_s"]:,.0f}  TFLOP/s/device: '
+        f'{result["tflops_per_device"]:.3f}  MFU: {mfu}')
+  print(f'memory per device: {result["compiled_gib"]:.2f} GiB compiled'
+        + (f', {result["peak_gib"]:.2f} GiB allocator peak' if result['peak_gib'] else ''))
 
 
 if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config file.')
+  flags.DEFINE_integer('steps', 20, 'Timed steps (after 2 warm-up steps).')
+  flags.DEFINE_bool('compile_only', False, 'Only compile (shape-only state: any model size) and '
+                    'print the compile time.')
   app.run(main)
