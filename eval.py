@@ -10,19 +10,25 @@ import json
 import sys
 
 import jax
-from etils import epath
+import jax.numpy as jnp
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from llama_jax import checkpoint as checkpoint_lib
-from llama_jax import evaluate, generate, trainer
+from llama_jax import evaluation, generate
+from llama_jax import experiment as experiment_lib
 from llama_jax import sharding as sharding_lib
+from llama_jax.data import pipeline, sources
+from llama_jax.data import tokenizer as tokenizer_lib
 from llama_jax.errors import ConfigError, UserError
 
-config_flags.DEFINE_config_file('config', 'configs/default.py',
-                                'Only its --config.* overrides are used.')
-flags.DEFINE_string('workdir', None, 'A train.py workdir or a llama_jax.convert output (its '
-                    'checkpoints/ folder is read; --checkpoint_dir reads another).')
+config_flags.DEFINE_config_file(
+    'config', 'configs/default.py', 'Its --config.* overrides '
+    'apply; for converted weights, its groups besides `model` too.')
+flags.DEFINE_string(
+    'workdir', None, 'A train.py workdir or a llama_jax.convert output (its '
+    'checkpoints/ folder is read; --checkpoint_dir reads another).')
 flags.DEFINE_string('checkpoint_dir', '', 'The checkpoint folder, if not WORKDIR/checkpoints.')
 flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
 flags.DEFINE_multi_string('prompt', [], 'A prompt to continue (repeatable).')
@@ -40,7 +46,7 @@ FLAGS = flags.FLAGS
 def run():
   overrides = config_flags.get_override_values(FLAGS['config'])
   directory = checkpoint_lib.directory_of(FLAGS.workdir, FLAGS.checkpoint_dir)
-  config, step = evaluate.load_config(directory, FLAGS.step, overrides)
+  config, step = evaluation.load_config(directory, FLAGS.step, overrides, FLAGS.config)
   devices = jax.devices()
   try:
     sharding_lib.mesh_shape(config.mesh, len(devices))
@@ -48,40 +54,49 @@ def run():
     if any(key.startswith('mesh.') for key in overrides):
       raise
     config.mesh.update(dict(data=1, fsdp=-1, sequence=1, tensor=1))  # the writer's mesh
-  mesh = sharding_lib.make_mesh(config.mesh, devices)
-  model = evaluate.restore_model(directory, step, config, mesh, FLAGS.bfloat16)
-  _, eval_source, tokenizer = trainer.prepare_data(config.data, config.model.vocab_size)
-  results = {'step': step}
-
+  experiment = experiment_lib.build(config, devices)
+  params = evaluation.restore_params(directory, step, experiment.model_config,
+                                     experiment.shardings.params, FLAGS.bfloat16)
   prompts = list(FLAGS.prompt)
   if FLAGS.prompts_file:
     with open(FLAGS.prompts_file) as f:
       prompts += [line.rstrip('\n') for line in f if line.strip()]
+  perplexity = not prompts and not FLAGS.task
+  builder = eval_source = None
+  if perplexity:  # the only use of the dataset itself
+    builder, _, eval_source = sources.open_sources(config.data)
+  elif not config.data.tokenizer:  # where a trained tokenizer would be
+    builder = sources.dataset_builder(config.data.name, config.data.data_dir, config.data.text_dir)
+  tokenizer = tokenizer_lib.for_data(config.data, config.model.vocab_size, builder)
+  results = {'step': step}
+
   if prompts:
-    sampling = generate.Sampling(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k,
-                                 FLAGS.top_p)
+    sampling = generate.Sampling(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
     ids = [[tokenizer.bos_id()] + tokenizer.encode(p) for p in prompts]
-    outputs = generate.generate(model, ids, sampling, tokenizer.eos_id(), FLAGS.seed)
-    results['generations'] = [{'prompt': p, 'completion': tokenizer.decode(o)}
-                              for p, o in zip(prompts, outputs)]
+    outputs = generate.generate(evaluation.model_of(params, config), ids, sampling,
+                                tokenizer.eos_id(), FLAGS.seed)
+    results['generations'] = [{
+        'prompt': p,
+        'completion': tokenizer.decode(o)
+    } for p, o in zip(prompts, outputs)]
     for row in results['generations']:
       print(f'--- {row["prompt"]}\n{row["completion"]}')
   if FLAGS.task:
-    results['task'] = evaluate.multiple_choice(model, tokenizer, evaluate.read_task(FLAGS.task))
+    results['task'] = evaluation.multiple_choice(evaluation.model_of(params, config), tokenizer,
+                                                 evaluation.read_task(FLAGS.task))
     print(f'{FLAGS.task}: accuracy {results["task"]["accuracy"]:.4f}, length-normalized '
           f'{results["task"]["accuracy_norm"]:.4f} over {results["task"]["examples"]} examples')
-  if not prompts and not FLAGS.task:
-    rules = tuple(tuple(rule) for rule in config.mesh.rules)
-    batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+  if perplexity:
     batch_size = config.train.batch_size
-    rows = sharding_lib.rows_of_process(batch_sharding, batch_size)
-    host = iter(trainer.host_batches(config, eval_source, tokenizer, rows, shuffle=False))
-    batches = trainer.global_batches(host, batch_sharding, batch_size, rows)
-    results['perplexity'] = evaluate.perplexity(model, batches, config.train.eval_batches,
-                                                tokenizer, config.train.loss_chunks)
-    print(f'{config.data.name}/{config.data.eval_split} at step {step}: ' + ', '.join(
-        f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
-        for k, v in results['perplexity'].items()))
+    rows = sharding_lib.rows_of_process(experiment.batch_sharding, batch_size)
+    host = iter(pipeline.host_batches(config, eval_source, tokenizer, rows, shuffle=False))
+    batches = pipeline.global_batches(host, experiment.batch_sharding, batch_size, rows)
+    results['perplexity'] = evaluation.perplexity(experiment.eval_step, params, batches,
+                                                  config.train.eval_batches,
+                                                  jnp.asarray(evaluation.byte_lengths(tokenizer)))
+    print(f'{config.data.name}/{config.data.eval_split} at step {step}: ' +
+          ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
+                    for k, v in results['perplexity'].items()))
   if jax.process_index() == 0:
     path = epath.Path(FLAGS.workdir) / f'eval_step{step}.json'
     path.write_text(json.dumps(results, indent=2))

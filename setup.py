@@ -5,7 +5,8 @@ import setuptools
 setuptools.setup(
     name='llama_jax',
     version='0.1.0',
-    description='LLaMA (Touvron et al. 2023) in JAX/Flax: sharded training, Orbax checkpoints, eval.',
+    description=
+    'LLaMA (Touvron et al. 2023) in JAX/Flax: sharded training, Orbax checkpoints, eval.',
     packages=setuptools.find_packages(include=['llama_jax', 'llama_jax.*']),
     python_requires='>=3.11',
     install_requires=[
@@ -28,7 +29,14 @@ setuptools.setup(
     extras_require={
         # torch: the CPU build that lies on this project's machines (a plain `torch`
         # requirement pulls a multi-GB CUDA build); only tests and Meta conversion need it.
-        'test': ['pytest>=8.0', 'portpicker>=1.6', 'torch==2.13.0', 'transformers>=5.0'],
+        'test': [
+            'pytest>=8.0',
+            'portpicker>=1.6',
+            'torch==2.13.0',
+            'transformers>=5.0',
+            'ruff>=0.17',
+            'yapf>=0.43'  # lint and format checks (pyproject.toml)
+        ],
         'meta': ['torch>=2.0'],  # reading Meta's consolidated.*.pth checkpoints
         'tpu': ['jax[tpu]>=0.10.2'],
         'gpu': ['jax[cuda13]>=0.10.2'],

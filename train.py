@@ -9,13 +9,14 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llama_jax import trainer
+from llama_jax import processes, train_loop
 from llama_jax.errors import UserError
 
 config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config file (ml_collections).')
 flags.DEFINE_string('workdir', 'runs/tiny', 'Where checkpoints and metrics go (path or gs://).')
-flags.DEFINE_string('coordinator_address', '', 'host:port of process 0, to run several '
-                    'processes without a cluster manager (TPU pods and SLURM need none).')
+flags.DEFINE_string(
+    'coordinator_address', '', 'host:port of process 0, to run several '
+    'processes without a cluster manager (TPU pods and SLURM need none).')
 flags.DEFINE_integer('num_processes', 1, 'Processes in total, with --coordinator_address.')
 flags.DEFINE_integer('process_id', 0, 'This process, with --coordinator_address.')
 FLAGS = flags.FLAGS
@@ -25,9 +26,9 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax and TFDS are chatty at INFO
   try:
-    trainer.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                   FLAGS.process_id)
-    trainer.train(FLAGS.config, FLAGS.workdir)
+    processes.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                     FLAGS.process_id)
+    train_loop.train(FLAGS.config, FLAGS.workdir)
   except UserError as error:
     sys.exit(f'error: {error}')
 

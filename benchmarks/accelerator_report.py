@@ -30,10 +30,10 @@ from flax import nnx
 
 from benchmarks import attention as attention_benchmark
 from benchmarks import train_step as train_step_benchmark
-from llama_jax import aot, generate, trainer
+from llama_jax import aot, generate, steps
 from llama_jax import attention as attention_lib
+from llama_jax import experiment as experiment_lib
 from llama_jax import model as model_lib
-from llama_jax import train_lib
 
 flags.DEFINE_string('output', 'accelerator_report.md', 'Where the Markdown report goes.')
 flags.DEFINE_bool('smoke', False, 'CPU-sized shapes: checks that the script works.')
@@ -65,11 +65,10 @@ class Plan:
 
 
 FULL = Plan('configs.small', {}, ('none', 'save_dots', 'full'), PAPER_SHAPES, 32000, 2048,
-            (('7B', 4096, 32, 32), ('13B', 5120, 40, 40)), (1, 16), 128, 128,
-            (2, 512, 8, 2, 128))
+            (('7B', 4096, 32, 32), ('13B', 5120, 40, 40)), (1, 16), 128, 128, (2, 512, 8, 2, 128))
 SMOKE = Plan('configs.tiny', dict(seq_len=128, batch_size=4), ('save_dots', 'full'),
-             (('a', 64, 4, 2), ('b', 128, 4, 4), ('c', 256, 4, 8)), 512, 128,
-             (('a', 64, 4, 2),), (1, 2), 8, 8, (2, 128, 4, 2, 32))
+             (('a', 64, 4, 2), ('b', 128, 4, 4), ('c', 256, 4, 8)), 512, 128, (('a', 64, 4, 2),),
+             (1, 2), 8, 8, (2, 128, 4, 2, 32))
 AUTO_AND_BLOCKWISE = {'gpu': ('cudnn', 'triton', 'blockwise'), 'tpu': ('splash', 'blockwise')}
 SMOKE_MEMORY_LIMIT = 0.01 * GIB  # the CPU reports no memory limit; this puts the cut inside
 
@@ -110,8 +109,10 @@ def setup_section(plan: Plan) -> str:
   platform = devices[0].client.platform_version
   rows = [['device', f'{len(devices)} x {devices[0].device_kind} ({devices[0].platform})'],
           ['platform', platform.splitlines()[0] if platform else '?'],
-          ['memory per device', f'{device_memory_limit(devices[0]) / GIB:.1f} GiB'
-           if devices[0].memory_stats() else 'not reported']]
+          [
+              'memory per device', f'{device_memory_limit(devices[0]) / GIB:.1f} GiB'
+              if devices[0].memory_stats() else 'not reported'
+          ]]
   rows += [[name, version] for name, version in versions.items()]
   return table(['what', 'value'], rows)
 
@@ -126,9 +127,8 @@ def check_train_step(plan: Plan) -> list:
   config = load_config(plan, **{'model.dtype': 'float32'})
   results = []
   for devices in (jax.devices()[:1], jax.devices('cpu')[:1]):
-    built = trainer.setup(config, devices)
-    state = train_lib.create_sharded_state(0, built.model_config, built.optimizer,
-                                           built.shardings)
+    built = experiment_lib.build(config, devices)
+    state = steps.create_sharded_state(0, built.model_config, built.optimizer, built.shardings)
     batch = train_step_benchmark.random_batch(built.model_config.vocab_size,
                                               config.train.batch_size, config.train.seq_len)
     _, metrics = built.train_step(state, jax.device_put(batch, built.batch_sharding))
@@ -137,9 +137,11 @@ def check_train_step(plan: Plan) -> list:
   rows = []
   for key, tolerance in (('loss', 1e-4), ('grad_norm', 1e-3)):
     error = relative_error(accelerator[key], host[key])
-    rows.append([f'train step {key} ({attention} attention) vs host CPU',
-                 f'{float(accelerator[key]):.6f} vs {float(host[key]):.6f}',
-                 f'{error:.1e} (tolerance {tolerance:g})', 'pass' if error <= tolerance else 'FAIL'])
+    rows.append([
+        f'train step {key} ({attention} attention) vs host CPU',
+        f'{float(accelerator[key]):.6f} vs {float(host[key]):.6f}',
+        f'{error:.1e} (tolerance {tolerance:g})', 'pass' if error <= tolerance else 'FAIL'
+    ])
   return rows
 
 
@@ -156,8 +158,12 @@ def check_attention(plan: Plan) -> list:
   for name in attention_lib.IMPLEMENTATIONS[2:]:  # all but auto and reference
     dtype = jnp.float32 if name != 'cudnn' else jnp.bfloat16
     segments = None if name == 'cudnn' else packed
-    if attention_lib.unsupported(name, platform=platform, length=length, head_dim=head_dim,
-                                 dtype=dtype, segments=segments is not None):
+    if attention_lib.unsupported(name,
+                                 platform=platform,
+                                 length=length,
+                                 head_dim=head_dim,
+                                 dtype=dtype,
+                                 segments=segments is not None):
       continue
     inputs = [x.astype(dtype) for x in (q, k, v)]
 
@@ -165,20 +171,24 @@ def check_attention(plan: Plan) -> list:
       out = attention_lib.attention(q, k, v, segments, segments, implementation=implementation)
       return jnp.sum(out.astype(jnp.float32) * cotangent)
 
-    outputs = {impl: jax.jit(jax.value_and_grad(
-        lambda *a, impl=impl: loss(impl, *a), argnums=(0, 1, 2)))(*inputs)
-               for impl in ('reference', name)}
+    outputs = {
+        impl: jax.jit(jax.value_and_grad(lambda *a, impl=impl: loss(impl, *a), argnums=(0, 1, 2)))
+              (*inputs) for impl in ('reference', name)
+    }
     tolerance = 1e-3 if dtype == jnp.float32 else 3e-2
-    errors = [relative_error(got, want) for got, want in zip(
-        jax.tree.leaves(outputs[name][1]), jax.tree.leaves(outputs['reference'][1]))]
+    errors = [
+        relative_error(got, want) for got, want in zip(jax.tree.leaves(outputs[name][1]),
+                                                       jax.tree.leaves(outputs['reference'][1]))
+    ]
     value_error = relative_error(outputs[name][0], outputs['reference'][0])
     worst = max([value_error] + errors)
-    rows.append([f'attention {name} vs reference ({jnp.dtype(dtype).name}, '
-                 f'{"packed rows" if segments is not None else "one document per row"}, '
-                 f'{heads}/{kv_heads} heads)',
-                 f'forward {value_error:.1e}, gradients q/k/v '
-                 + '/'.join(f'{e:.1e}' for e in errors), f'{worst:.1e} (tolerance {tolerance:g})',
-                 'pass' if worst <= tolerance else 'FAIL'])
+    rows.append([
+        f'attention {name} vs reference ({jnp.dtype(dtype).name}, '
+        f'{"packed rows" if segments is not None else "one document per row"}, '
+        f'{heads}/{kv_heads} heads)',
+        f'forward {value_error:.1e}, gradients q/k/v ' + '/'.join(f'{e:.1e}' for e in errors),
+        f'{worst:.1e} (tolerance {tolerance:g})', 'pass' if worst <= tolerance else 'FAIL'
+    ])
   return rows
 
 
@@ -200,9 +210,11 @@ def check_generation(plan: Plan) -> list:
       tokens.append(int(jnp.argmax(forward(jnp.asarray([tokens])))))
     loop.append(tokens[len(prompt):])
   same = cached == loop
-  return [['KV-cache greedy generation vs full forward passes (2 prompts, 12 tokens)',
-           f'{sum(a == b for c, l in zip(cached, loop) for a, b in zip(c, l))} of '
-           f'{2 * new_tokens} tokens equal', 'exact', 'pass' if same else 'FAIL']]
+  return [[
+      'KV-cache greedy generation vs full forward passes (2 prompts, 12 tokens)',
+      f'{sum(a == b for c, w in zip(cached, loop) for a, b in zip(c, w))} of '
+      f'{2 * new_tokens} tokens equal', 'exact', 'pass' if same else 'FAIL'
+  ]]
 
 
 def correctness_section(plan: Plan) -> str:
@@ -216,40 +228,53 @@ def speed_section(plan: Plan, steps: int) -> str:
   device, platform = jax.devices()[0], jax.default_backend()
   config = load_config(plan)
   model_config = model_lib.ModelConfig.from_config(config.model)
-  chosen = attention_lib.resolve_implementation(
-      'auto', platform, length=config.train.seq_len, head_dim=model_config.head_dim,
-      dtype=model_config.compute_dtype, segments=config.data.segment_mask)
+  chosen = attention_lib.resolve_implementation('auto',
+                                                platform,
+                                                length=config.train.seq_len,
+                                                head_dim=model_config.head_dim,
+                                                dtype=model_config.compute_dtype,
+                                                segments=config.data.segment_mask)
   runs = [{'model.remat': remat} for remat in plan.remats]
-  runs += [{'model.attention': name, 'data.segment_mask': name != 'cudnn'}
-           for name in AUTO_AND_BLOCKWISE.get(platform, ()) if name != chosen]
+  runs += [{
+      'model.attention': name,
+      'data.segment_mask': name != 'cudnn'
+  } for name in AUTO_AND_BLOCKWISE.get(platform, ()) if name != chosen]
   rows = []
   for overrides in runs:
     config = load_config(plan, **overrides)
     try:
       result = train_step_benchmark.measure(config, [device], steps)
     except Exception as error:  # out of memory, a kernel refusing the shape: say so, go on
-      rows.append([overrides.get('model.attention', chosen),
-                   overrides.get('model.remat', config.model.remat), config.data.segment_mask,
-                   f'failed: {type(error).__name__}: {str(error).splitlines()[0][:100]}',
-                   '', '', '', ''])
+      rows.append([
+          overrides.get('model.attention', chosen),
+          overrides.get('model.remat', config.model.remat), config.data.segment_mask,
+          f'failed: {type(error).__name__}: {str(error).splitlines()[0][:100]}', '', '', '', ''
+      ])
       continue
     model_config = result['built'].model_config
-    rows.append([model_config.attention, model_config.remat, config.data.segment_mask,
-                 f'{result["tokens_per_s"]:,.0f}', f'{result["tflops_per_device"]:.1f}',
-                 f'{result["mfu"]:.1%}' if result['mfu'] else 'n/a',
-                 f'{result["compiled_gib"]:.1f} GiB compiled' + (
-                     f', {result["peak_gib"]:.1f} GiB peak' if result['peak_gib'] else ''),
-                 f'{result["compile_s"]:.0f} s'])
-  return (f'{plan.speed_config}: batch {config.train.batch_size} x {config.train.seq_len}, '
-          f'{config.model.dtype}, {steps} timed steps per row, one device\n\n' + table(
-              ['attention', 'remat', 'segment mask', 'tokens/s', 'TFLOP/s', 'MFU', 'memory',
-               'compile'], rows))
+    rows.append([
+        model_config.attention, model_config.remat, config.data.segment_mask,
+        f'{result["tokens_per_s"]:,.0f}', f'{result["tflops_per_device"]:.1f}',
+        f'{result["mfu"]:.1%}' if result['mfu'] else 'n/a',
+        f'{result["compiled_gib"]:.1f} GiB compiled' +
+        (f', {result["peak_gib"]:.1f} GiB peak' if result['peak_gib'] else ''),
+        f'{result["compile_s"]:.0f} s'
+    ])
+  return (
+      f'{plan.speed_config}: batch {config.train.batch_size} x {config.train.seq_len}, '
+      f'{config.model.dtype}, {steps} timed steps per row, one device\n\n' + table(
+          ['attention', 'remat', 'segment mask', 'tokens/s', 'TFLOP/s', 'MFU', 'memory', 'compile'],
+          rows))
 
 
 def capacity_config(plan: Plan, dim: int, heads: int, layers: int):
   config = load_config(plan, **{'model.remat': 'full', 'train.microbatches': 1})
-  config.model.update(dim=dim, n_heads=heads, n_layers=layers, vocab_size=plan.capacity_vocab,
-                      max_seq_len=plan.capacity_seq, multiple_of=256 if dim >= 1024 else 32)
+  config.model.update(dim=dim,
+                      n_heads=heads,
+                      n_layers=layers,
+                      vocab_size=plan.capacity_vocab,
+                      max_seq_len=plan.capacity_seq,
+                      multiple_of=256 if dim >= 1024 else 32)
   config.train.update(batch_size=1, seq_len=plan.capacity_seq, loss_chunks=8)
   return config
 
@@ -262,8 +287,7 @@ def capacity_section(plan: Plan) -> str:
 
   def need(dim, heads, layers):  # (bytes, parameters) of the compiled step
     if (dim, layers) not in measured:
-      compiled, built = aot.compile_train_step(capacity_config(plan, dim, heads, layers),
-                                               [device])
+      compiled, built = aot.compile_train_step(capacity_config(plan, dim, heads, layers), [device])
       measured[dim, layers] = (aot.memory_per_chip(compiled)['total'], built.n_params)
     return measured[dim, layers]
 
@@ -271,8 +295,10 @@ def capacity_section(plan: Plan) -> str:
   for name, dim, heads, layers in plan.capacity_shapes:
     memory, n_params = need(dim, heads, layers)
     fits = memory <= limit
-    rows.append([f'{name} (dim {dim}, {layers} layers)', count(n_params),
-                 f'{memory / GIB:.2f} GiB', 'fits' if fits else 'does not fit'])
+    rows.append([
+        f'{name} (dim {dim}, {layers} layers)',
+        count(n_params), f'{memory / GIB:.2f} GiB', 'fits' if fits else 'does not fit'
+    ])
     if fits:
       largest = (dim, heads, layers)
       continue
@@ -286,18 +312,22 @@ def capacity_section(plan: Plan) -> str:
     break
   if largest:
     memory, n_params = need(*largest)
-    rows.append([f'largest that fits: dim {largest[0]}, {largest[2]} layers', count(n_params),
-                 f'{memory / GIB:.2f} GiB', 'fits'])
+    rows.append([
+        f'largest that fits: dim {largest[0]}, {largest[2]} layers',
+        count(n_params), f'{memory / GIB:.2f} GiB', 'fits'
+    ])
   return (f'train step, batch 1 x {plan.capacity_seq}, remat full, float32 parameters and '
           f'Adam state, vocab {plan.capacity_vocab}; limit {limit / GIB:.2f} GiB per device '
-          '(XLA memory analysis of the compiled step)\n\n'
-          + table(['model', 'parameters', 'memory', 'result'], rows))
+          '(XLA memory analysis of the compiled step)\n\n' +
+          table(['model', 'parameters', 'memory', 'result'], rows))
 
 
 def decoding_section(plan: Plan) -> str:
   rows = []
   for name, dim, heads, layers in plan.decode_shapes:
-    model_config = model_lib.ModelConfig(dim=dim, n_heads=heads, n_layers=layers,
+    model_config = model_lib.ModelConfig(dim=dim,
+                                         n_heads=heads,
+                                         n_layers=layers,
                                          vocab_size=32000 if dim >= 1024 else 512,
                                          max_seq_len=plan.decode_prompt + plan.decode_new_tokens,
                                          attention='reference')
@@ -317,10 +347,12 @@ def decoding_section(plan: Plan) -> str:
       start = time.perf_counter()
       generate.generate(model, prompts, sampling, eos_id=-1)  # no EOS: every token decoded
       seconds = time.perf_counter() - start
-      rows.append([f'{name} ({count(n_params)} parameters, bfloat16)', batch,
-                   f'{plan.decode_prompt} + {plan.decode_new_tokens}',
-                   f'{batch * plan.decode_new_tokens / seconds:,.0f}',
-                   f'{seconds / plan.decode_new_tokens * 1e3:.1f}'])
+      rows.append([
+          f'{name} ({count(n_params)} parameters, bfloat16)', batch,
+          f'{plan.decode_prompt} + {plan.decode_new_tokens}',
+          f'{batch * plan.decode_new_tokens / seconds:,.0f}',
+          f'{seconds / plan.decode_new_tokens * 1e3:.1f}'
+      ])
     del model
   return table(['model', 'batch', 'prompt + new tokens', 'tokens/s', 'ms per step (with prefill)'],
                rows)
@@ -330,13 +362,17 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.ERROR)
   plan = SMOKE if FLAGS.smoke else FULL
-  sections = {'setup': lambda: setup_section(plan),
-              'correctness': lambda: correctness_section(plan),
-              'speed': lambda: speed_section(plan, 2 if FLAGS.smoke else FLAGS.steps),
-              'capacity': lambda: capacity_section(plan),
-              'decoding': lambda: decoding_section(plan)}
-  report = [f'# Accelerator report: {jax.devices()[0].device_kind}'
-            + (' (smoke: CPU-sized shapes)' if FLAGS.smoke else '')]
+  sections = {
+      'setup': lambda: setup_section(plan),
+      'correctness': lambda: correctness_section(plan),
+      'speed': lambda: speed_section(plan, 2 if FLAGS.smoke else FLAGS.steps),
+      'capacity': lambda: capacity_section(plan),
+      'decoding': lambda: decoding_section(plan)
+  }
+  report = [
+      f'# Accelerator report: {jax.devices()[0].device_kind}' +
+      (' (smoke: CPU-sized shapes)' if FLAGS.smoke else '')
+  ]
   for name in FLAGS.sections:
     start = time.perf_counter()
     body = sections[name]()

@@ -44,31 +44,41 @@ def packed_segment_ids(batch: int, length: int, seed: int = 0) -> np.ndarray:
   return ids
 
 
-def measure(implementation: str, batch: int, length: int, heads: int, kv_heads: int,
-            head_dim: int, dtype, packed: bool, repeats: int = 5) -> dict:
+def measure(implementation: str,
+            batch: int,
+            length: int,
+            heads: int,
+            kv_heads: int,
+            head_dim: int,
+            dtype,
+            packed: bool,
+            repeats: int = 5) -> dict:
   """{'forward_ms', 'backward_ms' (forward+backward), 'temp_bytes' (of the gradient)}."""
   keys = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(keys[0], (batch, length, heads, head_dim), dtype)
-  k, v = (jax.random.normal(key, (batch, length, kv_heads, head_dim), dtype)
-          for key in keys[1:])
+  k, v = (jax.random.normal(key, (batch, length, kv_heads, head_dim), dtype) for key in keys[1:])
   segments = jnp.asarray(packed_segment_ids(batch, length)) if packed else None
 
   def loss(q, k, v):
     out = attention_lib.attention(q, k, v, segments, segments, implementation=implementation)
-    return jnp.sum(out.astype(jnp.float32) ** 2)
+    return jnp.sum(out.astype(jnp.float32)**2)
 
   forward = jax.jit(loss).lower(q, k, v).compile()
   backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
-  return {'forward_ms': milliseconds(forward, q, k, v, repeats=repeats),
-          'backward_ms': milliseconds(backward, q, k, v, repeats=repeats),
-          'temp_bytes': backward.memory_analysis().temp_size_in_bytes}
+  return {
+      'forward_ms': milliseconds(forward, q, k, v, repeats=repeats),
+      'backward_ms': milliseconds(backward, q, k, v, repeats=repeats),
+      'temp_bytes': backward.memory_analysis().temp_size_in_bytes
+  }
 
 
 def supported(length: int, head_dim: int, dtype, packed: bool) -> list[str]:
   platform = jax.default_backend()
-  return [name for name in attention_lib.IMPLEMENTATIONS[1:] if not attention_lib.unsupported(
-      name, platform=platform, length=length, head_dim=head_dim, dtype=dtype, segments=packed)
-          and not (platform == 'cpu' and name in ('splash', 'triton'))]  # interpreted: slow
+  return [
+      name for name in attention_lib.IMPLEMENTATIONS[1:] if not attention_lib.unsupported(
+          name, platform=platform, length=length, head_dim=head_dim, dtype=dtype, segments=packed)
+      and not (platform == 'cpu' and name in ('splash', 'triton'))
+  ]  # interpreted: slow
 
 
 def main(argv):
@@ -86,11 +96,15 @@ def main(argv):
         row = measure(name, batch, length, FLAGS.heads, FLAGS.kv_heads, FLAGS.head_dim, dtype,
                       FLAGS.packed, FLAGS.repeats)
       except Exception as error:  # out of memory, an unsupported shape: report and go on
-        print(f'| {length} | {batch} | {name} | failed: {type(error).__name__}: '
-              f'{str(error).splitlines()[0][:120]} | | |', flush=True)
+        print(
+            f'| {length} | {batch} | {name} | failed: {type(error).__name__}: '
+            f'{str(error).splitlines()[0][:120]} | | |',
+            flush=True)
         continue
-      print(f'| {length} | {batch} | {name} | {row["forward_ms"]:.2f} | '
-            f'{row["backward_ms"]:.2f} | {row["temp_bytes"] / 2**30:.2f} |', flush=True)
+      print(
+          f'| {length} | {batch} | {name} | {row["forward_ms"]:.2f} | '
+          f'{row["backward_ms"]:.2f} | {row["temp_bytes"] / 2**30:.2f} |',
+          flush=True)
 
 
 if __name__ == '__main__':

@@ -28,13 +28,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main(argv):
   del argv
   shutil.rmtree(FLAGS.workdir, ignore_errors=True)
-  overrides = {'model.dim': 64, 'model.n_layers': 2, 'model.n_heads': 4, 'train.steps': FLAGS.steps,
-               'train.batch_size': 8, 'train.seq_len': 128, 'train.eval_every': 0,
-               'checkpoint.every_steps': FLAGS.every, 'checkpoint.keep': FLAGS.keep,
-               'logging.every_steps': 50}
-  command = [sys.executable, 'train.py', f'--workdir={FLAGS.workdir}',
-             *[f'--config.{k}={v}' for k, v in overrides.items()]]
-  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+  overrides = {
+      'model.dim': 64,
+      'model.n_layers': 2,
+      'model.n_heads': 4,
+      'train.steps': FLAGS.steps,
+      'train.batch_size': 8,
+      'train.seq_len': 128,
+      'train.eval_every': 0,
+      'checkpoint.every_steps': FLAGS.every,
+      'checkpoint.keep': FLAGS.keep,
+      'logging.every_steps': 50
+  }
+  command = [
+      sys.executable, 'train.py', f'--workdir={FLAGS.workdir}',
+      *[f'--config.{k}={v}' for k, v in overrides.items()]
+  ]
+  process = subprocess.Popen(command,
+                             cwd=REPO,
+                             stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
   memory = []  # (seconds, steps logged, resident bytes)
   start = time.time()
@@ -49,13 +61,13 @@ def main(argv):
   speed = lambda part: sum(r['tokens_per_s'] for r in part) / len(part)
   training = [m for m in memory if m[1] > 0]  # after start-up and compilation
   at = lambda f: training[int(f * (len(training) - 1))][2] / 2**20
-  kept = sorted(int(n) for n in os.listdir(os.path.join(FLAGS.workdir, 'checkpoints'))
-                if n.isdigit())
+  kept = sorted(
+      int(n) for n in os.listdir(os.path.join(FLAGS.workdir, 'checkpoints')) if n.isdigit())
   print(f'{FLAGS.steps} steps, a checkpoint every {FLAGS.every}, {time.time() - start:.0f}s')
   print(f'host memory (RSS): {at(0.05):.0f} MiB early, {at(0.5):.0f} MiB midway, '
         f'{at(1.0):.0f} MiB at the end')
-  print(f'tokens/s: first third {speed(rows[1:third]):,.0f}, middle {speed(rows[third:2 * third]):,.0f}, '
-        f'last third {speed(rows[2 * third:]):,.0f}')
+  print(f'tokens/s: first third {speed(rows[1:third]):,.0f}, middle '
+        f'{speed(rows[third:2 * third]):,.0f}, last third {speed(rows[2 * third:]):,.0f}')
   print(f'checkpoints kept: {kept} (checkpoint.keep={FLAGS.keep})')
 
 

@@ -15,34 +15,37 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from llama_jax import aot
+from llama_jax import aot, steps
+from llama_jax import experiment as experiment_lib
 from llama_jax import metrics as metrics_lib
-from llama_jax import train_lib, trainer
 
 FLAGS = flags.FLAGS
 
 
 def random_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> dict:
   """Random tokens as one document per row: [batch, length] numpy arrays."""
-  tokens = np.random.default_rng(seed).integers(0, vocab_size, (batch_size, seq_len + 1),
+  tokens = np.random.default_rng(seed).integers(0,
+                                                vocab_size, (batch_size, seq_len + 1),
                                                 dtype=np.int32)
-  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-          'segment_ids': np.ones((batch_size, seq_len), np.int32),
-          'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32),
-                                       (batch_size, seq_len)),
-          'weights': np.ones((batch_size, seq_len), np.float32)}
+  return {
+      'inputs': tokens[:, :-1],
+      'targets': tokens[:, 1:],
+      'segment_ids': np.ones((batch_size, seq_len), np.int32),
+      'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)),
+      'weights': np.ones((batch_size, seq_len), np.float32)
+  }
 
 
-def measure(config, devices, steps: int) -> dict:
+def measure(config, devices, timed_steps: int) -> dict:
   """Compiles and times train.py's step on random tokens; returns its figures.
 
   Keys: compile_s, step_s, tokens_per_s, tflops_per_device, mfu (None without a known
   peak), compiled_gib (XLA's memory analysis per device), peak_gib (the allocator's peak,
-  None where the device does not report it), and `built` (the trainer.Setup).
+  None where the device does not report it), and `built` (the Experiment).
   """
-  built = trainer.setup(config, devices)
+  built = experiment_lib.build(config, devices)
   model_config = built.model_config
-  state = train_lib.create_sharded_state(0, model_config, built.optimizer, built.shardings)
+  state = steps.create_sharded_state(0, model_config, built.optimizer, built.shardings)
   batch_size, seq_len = config.train.batch_size, config.train.seq_len
   batch = jax.device_put(random_batch(model_config.vocab_size, batch_size, seq_len),
                          built.batch_sharding)
@@ -53,20 +56,25 @@ def measure(config, devices, steps: int) -> dict:
     state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   start = time.perf_counter()
-  for _ in range(steps):
+  for _ in range(timed_steps):
     state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
-  step_s = (time.perf_counter() - start) / steps
+  step_s = (time.perf_counter() - start) / timed_steps
   tokens_per_s = batch_size * seq_len / step_s
-  tflops = metrics_lib.flops_per_token(model_config, seq_len, built.n_params) * tokens_per_s / (
-      len(devices) * 1e12)
+  tflops = metrics_lib.flops_per_token(model_config, seq_len,
+                                       built.n_params) * tokens_per_s / (len(devices) * 1e12)
   peak = metrics_lib.peak_flops_per_device(devices[0], config.logging.cpu_peak_tflops)
   memory = devices[0].memory_stats() or {}
-  return {'compile_s': compile_s, 'step_s': step_s, 'tokens_per_s': tokens_per_s,
-          'tflops_per_device': tflops, 'mfu': tflops * 1e12 / peak if peak else None,
-          'compiled_gib': aot.memory_per_chip(compiled)['total'] / 2**30,
-          'peak_gib': memory['peak_bytes_in_use'] / 2**30 if 'peak_bytes_in_use' in memory
-          else None, 'built': built}
+  return {
+      'compile_s': compile_s,
+      'step_s': step_s,
+      'tokens_per_s': tokens_per_s,
+      'tflops_per_device': tflops,
+      'mfu': tflops * 1e12 / peak if peak else None,
+      'compiled_gib': aot.memory_per_chip(compiled)['total'] / 2**30,
+      'peak_gib': memory['peak_bytes_in_use'] / 2**30 if 'peak_bytes_in_use' in memory else None,
+      'built': built
+  }
 
 
 def main(argv):
@@ -90,13 +98,14 @@ def main(argv):
   print(f'compile: {result["compile_s"]:.1f}s  step: {result["step_s"] * 1e3:.1f}ms  '
         f'tokens/s: {result["tokens_per_s"]:,.0f}  TFLOP/s/device: '
         f'{result["tflops_per_device"]:.3f}  MFU: {mfu}')
-  print(f'memory per device: {result["compiled_gib"]:.2f} GiB compiled'
-        + (f', {result["peak_gib"]:.2f} GiB allocator peak' if result['peak_gib'] else ''))
+  print(f'memory per device: {result["compiled_gib"]:.2f} GiB compiled' +
+        (f', {result["peak_gib"]:.2f} GiB allocator peak' if result['peak_gib'] else ''))
 
 
 if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config file.')
   flags.DEFINE_integer('steps', 20, 'Timed steps (after 2 warm-up steps).')
-  flags.DEFINE_bool('compile_only', False, 'Only compile (shape-only state: any model size) and '
-                    'print the compile time.')
+  flags.DEFINE_bool(
+      'compile_only', False, 'Only compile (shape-only state: any model size) and '
+      'print the compile time.')
   app.run(main)

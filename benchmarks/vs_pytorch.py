@@ -22,9 +22,10 @@ import transformers
 from absl import app, flags
 
 from configs import default
+from llama_jax import experiment as experiment_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax import model as model_lib
-from llama_jax import train_lib, trainer
+from llama_jax import steps
 
 flags.DEFINE_integer('dim', 512, 'Model width.')
 flags.DEFINE_integer('layers', 8, 'Transformer blocks.')
@@ -52,17 +53,27 @@ def matmul_flops_per_s(dtype, size=2048, repeats=10) -> float:
 
 def our_step(precision, tokens):
   config = default.get_config()
-  config.model.update(dict(dim=FLAGS.dim, n_layers=FLAGS.layers, n_heads=FLAGS.heads,
-                           vocab_size=FLAGS.vocab, max_seq_len=FLAGS.seq, dtype=precision,
-                           remat=FLAGS.remat, multiple_of=256))
+  config.model.update(
+      dict(dim=FLAGS.dim,
+           n_layers=FLAGS.layers,
+           n_heads=FLAGS.heads,
+           vocab_size=FLAGS.vocab,
+           max_seq_len=FLAGS.seq,
+           dtype=precision,
+           remat=FLAGS.remat,
+           multiple_of=256))
   config.train.update(dict(batch_size=FLAGS.batch, seq_len=FLAGS.seq, steps=1000,
                            loss_chunks=1))  # one chunk: the fastest on CPU
   config.data.segment_mask = False
-  built = trainer.setup(config, jax.devices())
-  state = train_lib.create_sharded_state(0, built.model_config, built.optimizer, built.shardings)
-  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-           'segment_ids': np.ones_like(tokens[:, 1:]), 'positions': np.zeros_like(tokens[:, 1:]),
-           'weights': np.ones(tokens[:, 1:].shape, np.float32)}
+  built = experiment_lib.build(config, jax.devices())
+  state = steps.create_sharded_state(0, built.model_config, built.optimizer, built.shardings)
+  batch = {
+      'inputs': tokens[:, :-1],
+      'targets': tokens[:, 1:],
+      'segment_ids': np.ones_like(tokens[:, 1:]),
+      'positions': np.zeros_like(tokens[:, 1:]),
+      'weights': np.ones(tokens[:, 1:].shape, np.float32)
+  }
   batch = jax.device_put(batch, built.batch_sharding)
   start = time.perf_counter()
   compiled = built.train_step.lower(state, batch).compile()
@@ -75,19 +86,21 @@ def our_step(precision, tokens):
     jax.block_until_ready(metrics)
 
   run(2)  # warm up
-  return run, compile_s, metrics_lib.flops_per_token(built.model_config, FLAGS.seq,
-                                                      built.n_params)
+  return run, compile_s, metrics_lib.flops_per_token(built.model_config, FLAGS.seq, built.n_params)
 
 
 def torch_step(precision, tokens):
-  config = transformers.LlamaConfig(
-      hidden_size=FLAGS.dim, num_hidden_layers=FLAGS.layers, num_attention_heads=FLAGS.heads,
-      num_key_value_heads=FLAGS.heads, vocab_size=FLAGS.vocab,
-      intermediate_size=model_lib.ModelConfig(dim=FLAGS.dim, n_heads=FLAGS.heads).hidden_dim,
-      max_position_embeddings=FLAGS.seq, attn_implementation='sdpa')
+  config = transformers.LlamaConfig(hidden_size=FLAGS.dim,
+                                    num_hidden_layers=FLAGS.layers,
+                                    num_attention_heads=FLAGS.heads,
+                                    num_key_value_heads=FLAGS.heads,
+                                    vocab_size=FLAGS.vocab,
+                                    intermediate_size=model_lib.ModelConfig(
+                                        dim=FLAGS.dim, n_heads=FLAGS.heads).hidden_dim,
+                                    max_position_embeddings=FLAGS.seq,
+                                    attn_implementation='sdpa')
   model = transformers.LlamaForCausalLM(config).train()
-  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
-                                weight_decay=0.1)
+  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
   ids = torch.tensor(tokens, dtype=torch.long)
 
   def run(steps):
@@ -106,7 +119,8 @@ def torch_step(precision, tokens):
 def main(argv):
   del argv
   torch.set_num_threads(os.cpu_count())
-  tokens = np.random.default_rng(0).integers(0, FLAGS.vocab, (FLAGS.batch, FLAGS.seq + 1),
+  tokens = np.random.default_rng(0).integers(0,
+                                             FLAGS.vocab, (FLAGS.batch, FLAGS.seq + 1),
                                              dtype=np.int32)
   batch_tokens = FLAGS.batch * FLAGS.seq
   print(f'shape: dim {FLAGS.dim}, {FLAGS.layers} layers, {FLAGS.heads} heads, vocab '

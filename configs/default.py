@@ -35,10 +35,19 @@ def get_config():
   # (sequence-parallel devices also share the parameter storage); activations use
   # batch/length/act_embed/act_heads/act_mlp/act_vocab.
   mesh.rules = (
-      ('embed', ('fsdp', 'sequence')), ('heads', 'tensor'), ('kv_heads', 'tensor'),
-      ('head_dim', None), ('mlp', 'tensor'), ('vocab', 'tensor'), ('layers', None),
-      ('batch', ('data', 'fsdp')), ('length', 'sequence'), ('act_embed', None),
-      ('act_heads', 'tensor'), ('act_mlp', 'tensor'), ('act_vocab', 'tensor'),
+      ('embed', ('fsdp', 'sequence')),
+      ('heads', 'tensor'),
+      ('kv_heads', 'tensor'),
+      ('head_dim', None),
+      ('mlp', 'tensor'),
+      ('vocab', 'tensor'),
+      ('layers', None),
+      ('batch', ('data', 'fsdp')),
+      ('length', 'sequence'),
+      ('act_embed', None),
+      ('act_heads', 'tensor'),
+      ('act_mlp', 'tensor'),
+      ('act_vocab', 'tensor'),
   )
 
   config.train = train = ml_collections.ConfigDict()
@@ -75,8 +84,7 @@ def get_config():
   data.tokenizer = ''  # path to a sentencepiece .model; '' = train one on the train split
   data.segment_mask = True  # keep attention inside each packed document
   data.shuffle = True  # shuffle documents (reshuffled every epoch)
-  data.worker_count = 1  # grain worker processes per host; 0 = in the main process
-  data.prefetch = 4  # batches prepared ahead per worker
+  data.prefetch = 4  # batches prepared ahead by a background thread
 
   config.checkpoint = checkpoint = ml_collections.ConfigDict()
   checkpoint.directory = ''  # where checkpoints go ('' = WORKDIR/checkpoints); gs:// works
@@ -88,7 +96,7 @@ def get_config():
 
   config.logging = logging = ml_collections.ConfigDict()
   logging.every_steps = 10  # steps between metric rows
-  logging.cpu_peak_tflops = 1.0  # peak FLOP/s of one CPU device, for MFU on CPU (TFLOP/s)
+  logging.cpu_peak_tflops = 0.0  # peak TFLOP/s of one CPU device, for MFU on CPU; 0 = no MFU
   logging.profile_start = -1  # first step of a jax.profiler trace; -1 = no trace
   logging.profile_steps = 5  # steps traced
   return config

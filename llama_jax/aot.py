@@ -20,9 +20,9 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from llama_jax import experiment as experiment_lib
 from llama_jax import hlo
 from llama_jax import metrics as metrics_lib
-from llama_jax import trainer
 from llama_jax.errors import UserError
 
 
@@ -44,13 +44,28 @@ CHIPS = {
     'v6e': Chip('v6e', 32 * 2**30, 918e12, 1, 2),
 }
 
-
 # Slice shapes by chip count: 3D tori for v4/v5p, 2D for v5e/v6e.
 SHAPES = {
-    3: {4: '2x2x1', 8: '2x2x2', 16: '2x2x4', 32: '2x4x4', 64: '4x4x4', 128: '4x4x8',
-        256: '4x8x8', 512: '8x8x8'},
-    2: {1: '1x1', 4: '2x2', 8: '2x4', 16: '4x4', 32: '4x8', 64: '8x8', 128: '8x16',
-        256: '16x16'},
+    3: {
+        4: '2x2x1',
+        8: '2x2x2',
+        16: '2x2x4',
+        32: '2x4x4',
+        64: '4x4x4',
+        128: '4x4x8',
+        256: '4x8x8',
+        512: '8x8x8'
+    },
+    2: {
+        1: '1x1',
+        4: '2x2',
+        8: '2x4',
+        16: '4x4',
+        32: '4x8',
+        64: '8x8',
+        128: '8x16',
+        256: '16x16'
+    },
 }
 
 
@@ -77,37 +92,49 @@ def topology_devices(name: str, slices: int = 1):
   host_bounds = tuple(min(2, d) for d in dims) + (1,) * (3 - len(dims))  # up to 2x2 chips a host
   try:
     from jax.experimental import topologies
-    topology = topologies.get_topology_desc(
-        platform='tpu', topology_name=topology_name, chip_config_name=chip.chip_config,
-        chips_per_host_bounds=host_bounds, num_slices=slices)
-  except Exception as error:  # libtpu missing or refusing: say which extra brings it
+    topology = topologies.get_topology_desc(platform='tpu',
+                                            topology_name=topology_name,
+                                            chip_config_name=chip.chip_config,
+                                            chips_per_host_bounds=host_bounds,
+                                            num_slices=slices)
+  except Exception as error:  # libtpu missing, or held by another process
+    if 'lockfile' in str(error):
+      raise UserError(f'cannot describe TPU topology {topology_name}: another process on this '
+                      'machine holds /tmp/libtpu_lockfile (a running JAX program with libtpu '
+                      'loaded, such as a training run); let it finish, or set '
+                      'ALLOW_MULTIPLE_LIBTPU_LOAD=1 for this compile-only run.') from None
     raise UserError(f'cannot describe TPU topology {topology_name} ({str(error)[:200]}); '
                     "install libtpu with `pip install -e '.[tpu]'`.") from None
   return chip, topology.devices
 
 
 def compile_train_step(config, devices):
-  """(compiled step, trainer.Setup) of train.py's step on `devices`, from shapes only."""
-  built = trainer.setup(config, devices)
+  """(compiled step, Experiment) of train.py's step on `devices`, from shapes only."""
+  built = experiment_lib.build(config, devices)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        built.abstract_state, built.shardings)
   shape = (config.train.batch_size, config.train.seq_len)
-  batch = {key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == 'weights' else jnp.int32,
-                                     sharding=built.batch_sharding)
-           for key in ('inputs', 'targets', 'segment_ids', 'positions', 'weights')}
+  batch = {
+      key: jax.ShapeDtypeStruct(shape,
+                                jnp.float32 if key == 'weights' else jnp.int32,
+                                sharding=built.batch_sharding)
+      for key in ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
+  }
   return built.train_step.lower(state, batch).compile(), built
 
 
 def memory_per_chip(compiled) -> dict:
   """Bytes per chip XLA allocates for the step: arguments, temporaries, outputs, total."""
   analysis = compiled.memory_analysis()
-  memory = {'arguments': analysis.argument_size_in_bytes,
-            'temporaries': analysis.temp_size_in_bytes,
-            'outputs': analysis.output_size_in_bytes,
-            'aliased': analysis.alias_size_in_bytes,  # outputs written over donated arguments
-            'code': analysis.generated_code_size_in_bytes}
-  memory['total'] = (memory['arguments'] + memory['temporaries'] + memory['outputs']
-                     - memory['aliased'] + memory['code'])
+  memory = {
+      'arguments': analysis.argument_size_in_bytes,
+      'temporaries': analysis.temp_size_in_bytes,
+      'outputs': analysis.output_size_in_bytes,
+      'aliased': analysis.alias_size_in_bytes,  # outputs written over donated arguments
+      'code': analysis.generated_code_size_in_bytes
+  }
+  memory['total'] = (memory['arguments'] + memory['temporaries'] + memory['outputs'] -
+                     memory['aliased'] + memory['code'])
   return memory
 
 
@@ -147,14 +174,15 @@ def report(config, topology: str, slices: int, assumed_mfu: float, tokens: float
         f'batch {config.train.batch_size} x {config.train.seq_len} in '
         f'{config.train.microbatches} microbatch(es)')
   print(f'compiled in {compile_s:.1f}s')
-  print('HBM per chip: ' + ', '.join(f'{k} {v / GIB:.2f} GiB' for k, v in memory.items())
-        + f' of {chip.hbm_bytes / GIB:.0f} GiB -> {"fits" if fits else "DOES NOT FIT"}')
+  print('HBM per chip: ' + ', '.join(f'{k} {v / GIB:.2f} GiB' for k, v in memory.items()) +
+        f' of {chip.hbm_bytes / GIB:.0f} GiB -> {"fits" if fits else "DOES NOT FIT"}')
   text = compiled.as_text()
-  print('largest arrays on a chip: ' + ', '.join(
-      f'{shape} {size / GIB:.2f} GiB' for size, shape in hlo.largest_arrays(text, 3)))
-  print('collectives per step per chip: ' + ', '.join(
-      f'{kind} {ops} ops {size / GIB:.2f} GiB'
-      for kind, (ops, size) in hlo.collectives(text).items() if ops))
+  print('largest arrays on a chip: ' +
+        ', '.join(f'{shape} {size / GIB:.2f} GiB' for size, shape in hlo.largest_arrays(text, 3)))
+  print('collectives per step per chip: ' +
+        ', '.join(f'{kind} {ops} ops {size / GIB:.2f} GiB'
+                  for kind, (ops, size) in hlo.collectives(text).items()
+                  if ops))
   print(f'model FLOPs per step {step_flops:.3e} (6N + causal attention)')
   print(f'assuming {assumed_mfu:.0%} MFU (an assumption, not a measurement): step '
         f'{step_s:.2f}s, {batch_tokens / step_s / chips:,.0f} tokens/s/chip, '

@@ -29,8 +29,11 @@ from llama_jax.errors import ConfigError
 
 IMPLEMENTATIONS = ('auto', 'reference', 'blockwise', 'splash', 'triton', 'cudnn')
 # What `auto` tries, in order, by platform; blockwise handles every self-attention shape.
-AUTO = {'tpu': ('splash', 'blockwise'), 'gpu': ('cudnn', 'triton', 'blockwise'),
-        'cpu': ('reference',)}
+AUTO = {
+    'tpu': ('splash', 'blockwise'),
+    'gpu': ('cudnn', 'triton', 'blockwise'),
+    'cpu': ('reference',)
+}
 KERNEL_BLOCK = 128  # the Pallas kernels' block along the sequence
 BLOCKWISE_BLOCK = 512
 
@@ -38,8 +41,14 @@ BLOCKWISE_BLOCK = 512
 _MASKED = -1e30
 
 
-def unsupported(implementation: str, *, platform: str, length: int, head_dim: int, dtype,
-                segments: bool, block: int = KERNEL_BLOCK) -> str | None:
+def unsupported(implementation: str,
+                *,
+                platform: str,
+                length: int,
+                head_dim: int,
+                dtype,
+                segments: bool,
+                block: int = KERNEL_BLOCK) -> str | None:
   """Why `implementation` cannot run causal self-attention of this shape (None if it can)."""
   if implementation in ('splash', 'triton'):
     home = 'tpu' if implementation == 'splash' else 'gpu'
@@ -60,12 +69,22 @@ def unsupported(implementation: str, *, platform: str, length: int, head_dim: in
   return None
 
 
-def resolve_implementation(implementation: str, platform: str, *, length: int, head_dim: int,
-                           dtype, segments: bool, block: int = KERNEL_BLOCK) -> str:
+def resolve_implementation(implementation: str,
+                           platform: str,
+                           *,
+                           length: int,
+                           head_dim: int,
+                           dtype,
+                           segments: bool,
+                           block: int = KERNEL_BLOCK) -> str:
   """`auto` -> the implementation for this platform and shape; an explicit one that cannot
   run it raises ConfigError saying what would."""
-  shape = dict(platform=platform, length=length, head_dim=head_dim, dtype=dtype,
-               segments=segments, block=block)
+  shape = dict(platform=platform,
+               length=length,
+               head_dim=head_dim,
+               dtype=dtype,
+               segments=segments,
+               block=block)
   if implementation == 'auto':
     return next((name for name in AUTO.get(platform, ()) if not unsupported(name, **shape)),
                 'blockwise')
@@ -79,7 +98,13 @@ def resolve_implementation(implementation: str, platform: str, *, length: int, h
   return implementation
 
 
-def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, implementation='reference',
+def attention(q,
+              k,
+              v,
+              q_segment_ids=None,
+              kv_segment_ids=None,
+              *,
+              implementation='reference',
               block_size=None):
   """Causal self-attention; returns [batch, q_len, heads, head_dim] in q's dtype.
 
@@ -87,9 +112,13 @@ def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, implementatio
   """
   platform, length, head_dim = sharding_lib.compute_platform(), q.shape[1], q.shape[-1]
   block = block_size or (BLOCKWISE_BLOCK if implementation == 'blockwise' else KERNEL_BLOCK)
-  implementation = resolve_implementation(
-      implementation, platform, length=length, head_dim=head_dim, dtype=q.dtype,
-      segments=q_segment_ids is not None, block=block)
+  implementation = resolve_implementation(implementation,
+                                          platform,
+                                          length=length,
+                                          head_dim=head_dim,
+                                          dtype=q.dtype,
+                                          segments=q_segment_ids is not None,
+                                          block=block)
   if implementation == 'reference':
     return reference_attention(q, k, v, q_segment_ids, kv_segment_ids)
   if q.shape[1] != k.shape[1]:
@@ -97,8 +126,13 @@ def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, implementatio
   if implementation == 'blockwise':
     return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, block)
   kernel = {'splash': _splash_kernel, 'triton': _triton_kernel, 'cudnn': _cudnn_kernel}
-  return _per_device(kernel[implementation], q, k, v, q_segment_ids,
-                     block=min(block, length), interpret=platform == 'cpu')
+  return _per_device(kernel[implementation],
+                     q,
+                     k,
+                     v,
+                     q_segment_ids,
+                     block=min(block, length),
+                     interpret=platform == 'cpu')
 
 
 def causal_mask(q_len, kv_len, q_offset=0, q_segment_ids=None, kv_segment_ids=None):
@@ -201,13 +235,13 @@ def _flash_forward(q, k, v, q_seg, kv_seg):
       correction = jnp.exp(row_max - new_max)
       row_sum = row_sum * correction + probs.sum(-1)
       acc = acc * correction[..., None] + jnp.einsum(
-          'bkgqs,bskh->bkgqh', probs.astype(v.dtype), v[:, j],
-          preferred_element_type=jnp.float32)
+          'bkgqs,bskh->bkgqh', probs.astype(v.dtype), v[:, j], preferred_element_type=jnp.float32)
       return acc, new_max, row_sum
 
     stats_shape = (batch, kv_heads, group, block)
-    init = (jnp.zeros(stats_shape + (head_dim,), jnp.float32),
-            jnp.full(stats_shape, _MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32))
+    init = (jnp.zeros(stats_shape + (head_dim,),
+                      jnp.float32), jnp.full(stats_shape, _MASKED,
+                                             jnp.float32), jnp.zeros(stats_shape, jnp.float32))
     # Causal: query block i needs key blocks 0..i only.
     acc, row_max, row_sum = jax.lax.fori_loop(0, i + 1, key_block, init)
     out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]
@@ -231,7 +265,9 @@ def _flash_backward(residuals, d_out):
 
   def grads_of_pair(i, j):
     probs = _block_probs(q[:, i], k[:, j], i, j, q_seg[:, i], kv_seg[:, j], lse[:, i])
-    d_probs = jnp.einsum('bqkgh,bskh->bkgqs', d_out[:, i], v[:, j],
+    d_probs = jnp.einsum('bqkgh,bskh->bkgqs',
+                         d_out[:, i],
+                         v[:, j],
                          preferred_element_type=jnp.float32)
     d_scores = probs * (d_probs - delta[:, i][..., None]) * scale
     return probs, d_scores
@@ -239,19 +275,27 @@ def _flash_backward(residuals, d_out):
   def query_grad(i):
     def key_block(j, d_q):
       _, d_scores = grads_of_pair(i, j)
-      return d_q + jnp.einsum('bkgqs,bskh->bqkgh', d_scores.astype(k.dtype), k[:, j],
+      return d_q + jnp.einsum('bkgqs,bskh->bqkgh',
+                              d_scores.astype(k.dtype),
+                              k[:, j],
                               preferred_element_type=jnp.float32)
+
     return jax.lax.fori_loop(0, i + 1, key_block, jnp.zeros(q[:, i].shape, jnp.float32))
 
   def key_value_grad(j):
     def query_block(i, carry):
       d_k, d_v = carry
       probs, d_scores = grads_of_pair(i, j)
-      d_v = d_v + jnp.einsum('bkgqs,bqkgh->bskh', probs.astype(d_out.dtype), d_out[:, i],
+      d_v = d_v + jnp.einsum('bkgqs,bqkgh->bskh',
+                             probs.astype(d_out.dtype),
+                             d_out[:, i],
                              preferred_element_type=jnp.float32)
-      d_k = d_k + jnp.einsum('bkgqs,bqkgh->bskh', d_scores.astype(q.dtype), q[:, i],
+      d_k = d_k + jnp.einsum('bkgqs,bqkgh->bskh',
+                             d_scores.astype(q.dtype),
+                             q[:, i],
                              preferred_element_type=jnp.float32)
       return d_k, d_v
+
     zeros = jnp.zeros(k[:, j].shape, jnp.float32)
     return jax.lax.fori_loop(j, n_blocks, query_block, (zeros, zeros))
 
@@ -262,7 +306,6 @@ def _flash_backward(residuals, d_out):
 
 
 _flash.defvjp(_flash_forward, _flash_backward)
-
 
 # ---------------------------------------------------------------------------
 # Kernels: one call per device on a mesh.
@@ -284,8 +327,11 @@ def _per_device(kernel, q, k, v, segment_ids, **options):
   mesh, rules = mesh_and_rules
   heads = sharding_lib.logical_to_mesh(('batch', None, 'act_heads', None), rules)
   segments = sharding_lib.logical_to_mesh(('batch', None), rules)
-  return jax.shard_map(run, mesh=mesh, in_specs=(heads, heads, heads, segments),
-                       out_specs=heads, check_vma=False)(q, k, v, segment_ids)
+  return jax.shard_map(run,
+                       mesh=mesh,
+                       in_specs=(heads, heads, heads, segments),
+                       out_specs=heads,
+                       check_vma=False)(q, k, v, segment_ids)
 
 
 def _splash_kernel(q, k, v, segment_ids, *, block, interpret):
@@ -293,14 +339,24 @@ def _splash_kernel(q, k, v, segment_ids, *, block, interpret):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
   length, heads, head_dim = q.shape[1], q.shape[2], q.shape[3]
-  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                            block_q_dq=block, block_kv_dq=block)
+  sizes = splash.BlockSizes(block_q=block,
+                            block_kv=block,
+                            block_kv_compute=block,
+                            block_q_dkv=block,
+                            block_kv_dkv=block,
+                            block_kv_dkv_compute=block,
+                            block_q_dq=block,
+                            block_kv_dq=block)
   mask = masks.MultiHeadMask([masks.CausalMask((length, length)) for _ in range(heads)])
-  kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+  kernel = splash.make_splash_mha(mask,
+                                  block_sizes=sizes,
+                                  head_shards=1,
+                                  q_seq_shards=1,
                                   interpret=interpret)
   heads_first = lambda x: x.transpose(0, 2, 1, 3)
-  out = jax.vmap(kernel)(heads_first(q * head_dim**-0.5), heads_first(k), heads_first(v),
+  out = jax.vmap(kernel)(heads_first(q * head_dim**-0.5),
+                         heads_first(k),
+                         heads_first(v),
                          segment_ids=splash.SegmentIds(q=segment_ids, kv=segment_ids))
   return heads_first(out)
 
@@ -311,11 +367,20 @@ def _triton_kernel(q, k, v, segment_ids, *, block, interpret):
   group = q.shape[2] // k.shape[2]
   k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
   backward = min(32, block)
-  sizes = gpu_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=backward,
-                                   block_kv_dkv=backward, block_q_dq=backward,
+  sizes = gpu_attention.BlockSizes(block_q=block,
+                                   block_k=block,
+                                   block_q_dkv=backward,
+                                   block_kv_dkv=backward,
+                                   block_q_dq=backward,
                                    block_kv_dq=backward)
-  return gpu_attention.mha(q, k, v, segment_ids, sm_scale=q.shape[-1]**-0.5, causal=True,
-                           block_sizes=sizes, interpret=interpret)
+  return gpu_attention.mha(q,
+                           k,
+                           v,
+                           segment_ids,
+                           sm_scale=q.shape[-1]**-0.5,
+                           causal=True,
+                           block_sizes=sizes,
+                           interpret=interpret)
 
 
 def _cudnn_kernel(q, k, v, segment_ids, *, block, interpret):

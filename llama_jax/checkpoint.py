@@ -30,14 +30,16 @@ def make_manager(directory: str, checkpoint_config=None) -> ocp.CheckpointManage
   directory = _absolute(directory)
   options = ocp.CheckpointManagerOptions(create=False)
   if checkpoint_config is not None:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=checkpoint_config.keep,
-        keep_period=checkpoint_config.keep_period or None,
-        enable_async_checkpointing=checkpoint_config.async_save, create=True)
-  handlers = {'params': ocp.StandardCheckpointHandler(),
-              'train_state': ocp.StandardCheckpointHandler(),
-              'data': ocp.JsonCheckpointHandler(),
-              'config': ocp.JsonCheckpointHandler()}
+    options = ocp.CheckpointManagerOptions(max_to_keep=checkpoint_config.keep,
+                                           keep_period=checkpoint_config.keep_period or None,
+                                           enable_async_checkpointing=checkpoint_config.async_save,
+                                           create=True)
+  handlers = {
+      'params': ocp.StandardCheckpointHandler(),
+      'train_state': ocp.StandardCheckpointHandler(),
+      'data': ocp.JsonCheckpointHandler(),
+      'config': ocp.JsonCheckpointHandler()
+  }
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
@@ -55,8 +57,12 @@ def _gather_rows(first_row: int, states: list) -> list:
 
 
 def _train_state_without_params(state) -> dict:
-  return {'step': state.step, 'opt_state': state.opt_state, 'bad_steps': state.bad_steps,
-          'skipped_steps': state.skipped_steps}
+  return {
+      'step': state.step,
+      'opt_state': state.opt_state,
+      'bad_steps': state.bad_steps,
+      'skipped_steps': state.skipped_steps
+  }
 
 
 def save(manager, step: int, state, first_row: int, row_states: list, config_dict: dict):
@@ -64,19 +70,21 @@ def save(manager, step: int, state, first_row: int, row_states: list, config_dic
 
   row_states: this process's data positions, for the rows from `first_row` on.
   """
-  manager.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(state.params),
-      train_state=ocp.args.StandardSave(_train_state_without_params(state)),
-      data=ocp.args.JsonSave({'rows': _gather_rows(first_row, row_states)}),
-      config=ocp.args.JsonSave(config_dict)))
+  manager.save(step,
+               args=ocp.args.Composite(
+                   params=ocp.args.StandardSave(state.params),
+                   train_state=ocp.args.StandardSave(_train_state_without_params(state)),
+                   data=ocp.args.JsonSave({'rows': _gather_rows(first_row, row_states)}),
+                   config=ocp.args.JsonSave(config_dict)))
 
 
 def save_params(directory: str, step: int, params, config_dict: dict) -> None:
   """A parameters-only checkpoint (converted weights) that eval.py and fine-tuning load."""
   options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
   with ocp.CheckpointManager(_absolute(directory), options=options) as manager:
-    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                               config=ocp.args.JsonSave(config_dict)))
+    manager.save(step,
+                 args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                         config=ocp.args.JsonSave(config_dict)))
     manager.wait_until_finished()
 
 
@@ -88,11 +96,14 @@ def _target(abstract, shardings):
 
 def restore(manager, step: int, abstract_state, shardings):
   """Restores checkpoint `step` onto `shardings` (any mesh); returns (state, row states)."""
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(_target(abstract_state.params, shardings.params)),
-      train_state=ocp.args.StandardRestore(_target(
-          _train_state_without_params(abstract_state), _train_state_without_params(shardings))),
-      data=ocp.args.JsonRestore()))
+  restored = manager.restore(step,
+                             args=ocp.args.Composite(
+                                 params=ocp.args.StandardRestore(
+                                     _target(abstract_state.params, shardings.params)),
+                                 train_state=ocp.args.StandardRestore(
+                                     _target(_train_state_without_params(abstract_state),
+                                             _train_state_without_params(shardings))),
+                                 data=ocp.args.JsonRestore()))
   state = abstract_state.replace(params=restored.params, **restored.train_state)
   return state, restored.data['rows']
 
@@ -127,5 +138,7 @@ def saved_config(directory: str, step: int) -> dict:
 def restore_params(directory: str, step: int, abstract_params, shardings):
   """Only the parameters of checkpoint `step`, onto `shardings`; nothing else is read."""
   with make_manager(directory) as manager:
-    return manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_target(abstract_params, shardings)))).params
+    return manager.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_target(abstract_params, shardings)))).params

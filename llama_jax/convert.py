@@ -27,22 +27,33 @@ from llama_jax.errors import UserError
 
 # Our parameter (path in the stacked model) -> Hugging Face name, per layer where {i}.
 LAYER_NAMES = {
-    ('attention', 'wq'): 'self_attn.q_proj', ('attention', 'wk'): 'self_attn.k_proj',
-    ('attention', 'wv'): 'self_attn.v_proj', ('attention', 'wo'): 'self_attn.o_proj',
-    ('feed_forward', 'w1'): 'mlp.gate_proj', ('feed_forward', 'w3'): 'mlp.up_proj',
-    ('feed_forward', 'w2'): 'mlp.down_proj', ('attention_norm', 'scale'): 'input_layernorm',
+    ('attention', 'wq'): 'self_attn.q_proj',
+    ('attention', 'wk'): 'self_attn.k_proj',
+    ('attention', 'wv'): 'self_attn.v_proj',
+    ('attention', 'wo'): 'self_attn.o_proj',
+    ('feed_forward', 'w1'): 'mlp.gate_proj',
+    ('feed_forward', 'w3'): 'mlp.up_proj',
+    ('feed_forward', 'w2'): 'mlp.down_proj',
+    ('attention_norm', 'scale'): 'input_layernorm',
     ('ffn_norm', 'scale'): 'post_attention_layernorm',
 }
 # Meta's names for the same tensors, and the axis along which model-parallel shards split them.
 META_LAYER_NAMES = {
-    'self_attn.q_proj': ('attention.wq', 0), 'self_attn.k_proj': ('attention.wk', 0),
-    'self_attn.v_proj': ('attention.wv', 0), 'self_attn.o_proj': ('attention.wo', 1),
-    'mlp.gate_proj': ('feed_forward.w1', 0), 'mlp.up_proj': ('feed_forward.w3', 0),
-    'mlp.down_proj': ('feed_forward.w2', 1), 'input_layernorm': ('attention_norm', None),
+    'self_attn.q_proj': ('attention.wq', 0),
+    'self_attn.k_proj': ('attention.wk', 0),
+    'self_attn.v_proj': ('attention.wv', 0),
+    'self_attn.o_proj': ('attention.wo', 1),
+    'mlp.gate_proj': ('feed_forward.w1', 0),
+    'mlp.up_proj': ('feed_forward.w3', 0),
+    'mlp.down_proj': ('feed_forward.w2', 1),
+    'input_layernorm': ('attention_norm', None),
     'post_attention_layernorm': ('ffn_norm', None),
 }
-META_GLOBAL_NAMES = {'model.embed_tokens': ('tok_embeddings', 1), 'model.norm': ('norm', None),
-                     'lm_head': ('output', 0)}
+META_GLOBAL_NAMES = {
+    'model.embed_tokens': ('tok_embeddings', 1),
+    'model.norm': ('norm', None),
+    'lm_head': ('output', 0)
+}
 
 
 def _ffn_keys(dim: int, hidden: int) -> dict:
@@ -54,8 +65,8 @@ def _ffn_keys(dim: int, hidden: int) -> dict:
 
 
 def model_config_from_hf(hf: dict) -> model_lib.ModelConfig:
-  if hf.get('model_type') != 'llama' or 'LlamaForCausalLM' not in (hf.get('architectures')
-                                                                    or ['LlamaForCausalLM']):
+  if hf.get('model_type') != 'llama' or 'LlamaForCausalLM' not in (hf.get('architectures') or
+                                                                   ['LlamaForCausalLM']):
     raise UserError(f'the Hugging Face model is {hf.get("architectures") or hf.get("model_type")}'
                     ', not LlamaForCausalLM; only LLaMA checkpoints convert.')
   rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
@@ -63,31 +74,48 @@ def model_config_from_hf(hf: dict) -> model_lib.ModelConfig:
     raise UserError(f'rope scaling {rope.get("rope_type", rope.get("type"))!r} is not '
                     'supported; only the plain rotary embedding of LLaMA 1/2 converts.')
   dim, heads = hf['hidden_size'], hf['num_attention_heads']
-  if hf.get('head_dim', dim // heads) != dim // heads or hf.get('attention_bias') or hf.get(
-      'mlp_bias'):
+  if hf.get('head_dim',
+            dim // heads) != dim // heads or hf.get('attention_bias') or hf.get('mlp_bias'):
     raise UserError('this LLaMA variant (head_dim != hidden_size / heads, or biases) is '
                     'not supported.')
-  return model_lib.ModelConfig(
-      dim=dim, n_layers=hf['num_hidden_layers'], n_heads=heads,
-      n_kv_heads=hf.get('num_key_value_heads') or heads, vocab_size=hf['vocab_size'],
-      norm_eps=hf.get('rms_norm_eps', 1e-6),
-      rope_theta=float(hf.get('rope_theta') or rope.get('rope_theta', 10000.0)),
-      max_seq_len=hf.get('max_position_embeddings', 2048), dtype='float32',
-      **_ffn_keys(dim, hf['intermediate_size']))
+  return model_lib.ModelConfig(dim=dim,
+                               n_layers=hf['num_hidden_layers'],
+                               n_heads=heads,
+                               n_kv_heads=hf.get('num_key_value_heads') or heads,
+                               vocab_size=hf['vocab_size'],
+                               norm_eps=hf.get('rms_norm_eps', 1e-6),
+                               rope_theta=float(
+                                   hf.get('rope_theta') or rope.get('rope_theta', 10000.0)),
+                               max_seq_len=hf.get('max_position_embeddings', 2048),
+                               dtype='float32',
+                               **_ffn_keys(dim, hf['intermediate_size']))
 
 
 def hf_config_from_model(config: model_lib.ModelConfig) -> dict:
   return {
-      'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
-      'hidden_size': config.dim, 'intermediate_size': config.hidden_dim,
-      'num_hidden_layers': config.n_layers, 'num_attention_heads': config.n_heads,
-      'num_key_value_heads': config.kv_heads, 'head_dim': config.head_dim,
-      'vocab_size': config.vocab_size, 'rms_norm_eps': config.norm_eps,
+      'architectures': ['LlamaForCausalLM'],
+      'model_type': 'llama',
+      'hidden_size': config.dim,
+      'intermediate_size': config.hidden_dim,
+      'num_hidden_layers': config.n_layers,
+      'num_attention_heads': config.n_heads,
+      'num_key_value_heads': config.kv_heads,
+      'head_dim': config.head_dim,
+      'vocab_size': config.vocab_size,
+      'rms_norm_eps': config.norm_eps,
       'rope_theta': config.rope_theta,
-      'rope_parameters': {'rope_type': 'default', 'rope_theta': config.rope_theta},
-      'max_position_embeddings': config.max_seq_len, 'hidden_act': 'silu',
-      'tie_word_embeddings': False, 'attention_bias': False, 'mlp_bias': False,
-      'bos_token_id': 1, 'eos_token_id': 2, 'torch_dtype': 'float32',
+      'rope_parameters': {
+          'rope_type': 'default',
+          'rope_theta': config.rope_theta
+      },
+      'max_position_embeddings': config.max_seq_len,
+      'hidden_act': 'silu',
+      'tie_word_embeddings': False,
+      'attention_bias': False,
+      'mlp_bias': False,
+      'bos_token_id': 1,
+      'eos_token_id': 2,
+      'torch_dtype': 'float32',
   }
 
 
@@ -128,8 +156,7 @@ def hf_names(config: model_lib.ModelConfig):
 def _empty_params(config):
   """Our parameter tree as uninitialized float32 numpy arrays (filled tensor by tensor)."""
   params = nnx.state(model_lib.abstract_model(config), nnx.Param)
-  return params, jax.tree.map(lambda leaf: np.empty(leaf.shape, np.float32),
-                              params.to_pure_dict())
+  return params, jax.tree.map(lambda leaf: np.empty(leaf.shape, np.float32), params.to_pure_dict())
 
 
 def _fill(config, read_tensor) -> nnx.State:
@@ -180,8 +207,8 @@ def read_hf(folder: str):
 def _interleaved_to_rotate_half(tensor, heads):
   """Meta pairs rotary features (2i, 2i+1); we pair (i, i + head_dim/2): permute rows."""
   out_dim, in_dim = tensor.shape
-  return tensor.reshape(heads, out_dim // heads // 2, 2, in_dim).transpose(0, 2, 1, 3).reshape(
-      out_dim, in_dim)
+  return tensor.reshape(heads, out_dim // heads // 2, 2,
+                        in_dim).transpose(0, 2, 1, 3).reshape(out_dim, in_dim)
 
 
 def read_meta(folder: str):
@@ -202,12 +229,17 @@ def read_meta(folder: str):
   vocab_size = meta.get('vocab_size', -1)
   if vocab_size <= 0:
     vocab_size = sum(s['tok_embeddings.weight'].shape[0] for s in shards[:1])
-  config = model_lib.ModelConfig(
-      dim=meta['dim'], n_layers=meta['n_layers'], n_heads=meta['n_heads'],
-      n_kv_heads=meta.get('n_kv_heads'), vocab_size=vocab_size,
-      multiple_of=meta.get('multiple_of', 256), ffn_dim_multiplier=meta.get('ffn_dim_multiplier'),
-      norm_eps=meta.get('norm_eps', 1e-5), rope_theta=float(meta.get('rope_theta', 10000.0)),
-      max_seq_len=meta.get('max_seq_len', 2048), dtype='float32')
+  config = model_lib.ModelConfig(dim=meta['dim'],
+                                 n_layers=meta['n_layers'],
+                                 n_heads=meta['n_heads'],
+                                 n_kv_heads=meta.get('n_kv_heads'),
+                                 vocab_size=vocab_size,
+                                 multiple_of=meta.get('multiple_of', 256),
+                                 ffn_dim_multiplier=meta.get('ffn_dim_multiplier'),
+                                 norm_eps=meta.get('norm_eps', 1e-5),
+                                 rope_theta=float(meta.get('rope_theta', 10000.0)),
+                                 max_seq_len=meta.get('max_seq_len', 2048),
+                                 dtype='float32')
 
   def read_tensor(name):
     if name.startswith('model.layers.'):

@@ -76,8 +76,7 @@ def _scan_chunks(x, w, targets, weights, z_loss, chunks):
   zero = jnp.zeros((), jnp.float32)
   init = (zero, zero, jnp.zeros(w.shape, jnp.float32))
   (loss_sum, nll_sum, dw), dx = jax.lax.scan(
-      body, init, (_to_chunks(x, chunks), _to_chunks(targets, chunks),
-                   _to_chunks(weights, chunks)))
+      body, init, (_to_chunks(x, chunks), _to_chunks(targets, chunks), _to_chunks(weights, chunks)))
   return loss_sum, nll_sum, _from_chunks(dx), dw
 
 

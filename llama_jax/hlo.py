@@ -8,18 +8,30 @@ what crosses the interconnect per step (an op inside a loop counts once per iter
 import math
 import re
 
-_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4,
-          'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
+_BYTES = {
+    'pred': 1,
+    's8': 1,
+    'u8': 1,
+    's16': 2,
+    'u16': 2,
+    'f16': 2,
+    'bf16': 2,
+    's32': 4,
+    'u32': 4,
+    'f32': 4,
+    's64': 8,
+    'u64': 8,
+    'f64': 8
+}
 _ARRAY = re.compile(r'\b(' + '|'.join(_BYTES) + r')\[([0-9,]*)\]')
 _COMPUTATION = re.compile(r'^(?:ENTRY )?%([\w.\-]+) \(')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$')
-COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all',
-               'collective-permute')
+COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
 
 
 def _array_bytes(text: str) -> list[tuple[int, str]]:
-  return [(math.prod(int(d) for d in dims.split(',') if d) * _BYTES[dtype], f'{dtype}[{dims}]')
-          for dtype, dims in _ARRAY.findall(text)]
+  return [(math.prod(int(d) for d in dims.split(',') if d) * _BYTES[dtype],
+           f'{dtype}[{dims}]') for dtype, dims in _ARRAY.findall(text)]
 
 
 def largest_arrays(hlo_text: str, n: int = 5) -> list[tuple[int, str]]:

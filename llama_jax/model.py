@@ -35,9 +35,9 @@ REMAT_POLICIES = {
     'none': None,  # no jax.checkpoint: keep every activation
     'full': _policies.nothing_saveable,  # keep only each block's input
     # keep the projections' and attention's outputs; recompute norms, rotary, gates, softmax
-    'save_dots': _policies.save_from_both_policies(
-        _policies.dots_with_no_batch_dims_saveable,
-        _policies.save_only_these_names('attention_out')),
+    'save_dots':
+        _policies.save_from_both_policies(_policies.dots_with_no_batch_dims_saveable,
+                                          _policies.save_only_these_names('attention_out')),
     # keep q, k, v and the attention output
     'save_attention': _policies.save_only_these_names('query', 'key', 'value', 'attention_out'),
 }
@@ -65,20 +65,22 @@ class ModelConfig:
     def check(ok, message):
       if not ok:
         raise ConfigError(message)
+
     for key in ('dim', 'n_layers', 'n_heads', 'vocab_size', 'multiple_of', 'max_seq_len'):
       check(getattr(self, key) > 0, f'model.{key} must be positive, got {getattr(self, key)}.')
     check(self.dim % self.n_heads == 0,
           f'model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads}).')
     check(self.head_dim % 2 == 0,
           f'model.dim / model.n_heads ({self.head_dim}) must be even for rotary embeddings.')
-    check(self.kv_heads > 0 and self.n_heads % self.kv_heads == 0,
-          f'model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads '
-          f'({self.n_kv_heads}).')
-    check(self.dtype in DTYPES,
-          f'model.dtype is {self.dtype!r}; use one of {", ".join(DTYPES)}.')
-    check(self.attention in attention_lib.IMPLEMENTATIONS,
-          f'model.attention is {self.attention!r}; use one of '
-          f'{", ".join(attention_lib.IMPLEMENTATIONS)}.')
+    check(
+        self.kv_heads > 0 and self.n_heads % self.kv_heads == 0,
+        f'model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads '
+        f'({self.n_kv_heads}).')
+    check(self.dtype in DTYPES, f'model.dtype is {self.dtype!r}; use one of {", ".join(DTYPES)}.')
+    check(
+        self.attention in attention_lib.IMPLEMENTATIONS,
+        f'model.attention is {self.attention!r}; use one of '
+        f'{", ".join(attention_lib.IMPLEMENTATIONS)}.')
     check(self.remat in REMAT_POLICIES,
           f'model.remat is {self.remat!r}; use one of {", ".join(REMAT_POLICIES)}.')
 
@@ -114,8 +116,7 @@ class ModelConfig:
 
 def _param(rngs, shape, axes, init=nnx.initializers.normal(0.02)):
   """A float32 parameter annotated with its logical axis names."""
-  return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=axes,
-                   eager_sharding=False)
+  return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=axes, eager_sharding=False)
 
 
 @jax.tree_util.register_dataclass
@@ -153,14 +154,14 @@ def project(x, w, contract: int = 1, out_dtype=None):
   if compute_platform() != 'cpu':
     return jnp.tensordot(x, w, axes=contract, preferred_element_type=out_dtype)
   lead, inner, outer = x.shape[:-contract], x.shape[-contract:], w.shape[contract:]
-  y = jnp.matmul(x.reshape(math.prod(lead), math.prod(inner)), w.reshape(math.prod(inner), -1),
+  y = jnp.matmul(x.reshape(math.prod(lead), math.prod(inner)),
+                 w.reshape(math.prod(inner), -1),
                  preferred_element_type=out_dtype)
   return y.reshape(*lead, *outer)
 
 
 class RMSNorm(nnx.Module):
   """x / rms(x) * scale, with the statistics in float32."""
-
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.eps = config.norm_eps
     self.scale = _param(rngs, (config.dim,), ('embed',), nnx.initializers.ones)
@@ -179,7 +180,7 @@ def apply_rotary(x, positions, theta):
   permutation of the query and key projections (see convert.py).
   """
   half = x.shape[-1] // 2
-  inverse_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [half]
+  inverse_freq = theta**(-jnp.arange(half, dtype=jnp.float32) / half)  # [half]
   angles = positions[..., None].astype(jnp.float32) * inverse_freq  # [batch, length, half]
   sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -188,7 +189,6 @@ def apply_rotary(x, positions, theta):
 
 class Attention(nnx.Module):
   """Multi-head attention with grouped key/value heads and rotary positions."""
-
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
     dim, heads, kv_heads, head_dim = config.dim, config.n_heads, config.kv_heads, config.head_dim
@@ -211,13 +211,16 @@ class Attention(nnx.Module):
     k = constrain(k, ('batch', None, 'act_heads', None))
     v = constrain(v, ('batch', None, 'act_heads', None))
     if cache is None:
-      out = attention_lib.attention(q, k, v, segment_ids, segment_ids,
+      out = attention_lib.attention(q,
+                                    k,
+                                    v,
+                                    segment_ids,
+                                    segment_ids,
                                     implementation=config.attention)
     else:  # decoding: append to the cache, attend to everything written so far
       k = jax.lax.dynamic_update_slice_in_dim(cache.k, k, cache.index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache.v, v, cache.index, axis=1)
-      out = attention_lib.reference_attention(q, k, v, segment_ids, cache.segment_ids,
-                                              cache.index)
+      out = attention_lib.reference_attention(q, k, v, segment_ids, cache.segment_ids, cache.index)
       cache = cache._replace(k=k, v=v)
     out = checkpoint_name(constrain(out, ('batch', 'length', 'act_heads', None)), 'attention_out')
     return project(out, self.wo[...].astype(dtype), contract=2), cache  # [batch, length, embed]
@@ -225,7 +228,6 @@ class Attention(nnx.Module):
 
 class FeedForward(nnx.Module):
   """SwiGLU: w2(silu(w1 x) * w3 x)."""
-
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.dtype = config.compute_dtype
     self.w1 = _param(rngs, (config.dim, config.hidden_dim), ('embed', 'mlp'))
@@ -241,7 +243,6 @@ class FeedForward(nnx.Module):
 
 class Block(nnx.Module):
   """One pre-norm transformer layer."""
-
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.attention_norm = RMSNorm(config, rngs=rngs)
     self.attention = Attention(config, rngs=rngs)
@@ -257,7 +258,6 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
   """LLaMA: tokens [batch, length] -> logits [batch, length, vocab] (float32)."""
-
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
     self.embedding = _param(rngs, (config.vocab_size, config.dim), ('vocab', 'embed'))
@@ -274,8 +274,7 @@ class Transformer(nnx.Module):
   def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
     """Returns (logits [batch, length, vocab] float32, cache); arguments as in `features`."""
     x, cache = self.features(tokens, positions, segment_ids, cache)
-    logits = project(x, self.output[...].astype(self.config.compute_dtype),
-                     out_dtype=jnp.float32)
+    logits = project(x, self.output[...].astype(self.config.compute_dtype), out_dtype=jnp.float32)
     return constrain(logits, ('batch', 'length', 'act_vocab')), cache
 
   def features(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
@@ -304,8 +303,11 @@ class Transformer(nnx.Module):
     if cache is not None:
       if segment_ids is None:
         segment_ids = jnp.ones((batch, length), jnp.int32)
-      cache = dataclasses.replace(cache, segment_ids=jax.lax.dynamic_update_slice_in_dim(
-          cache.segment_ids, segment_ids, start, axis=1))
+      cache = dataclasses.replace(cache,
+                                  segment_ids=jax.lax.dynamic_update_slice_in_dim(cache.segment_ids,
+                                                                                  segment_ids,
+                                                                                  start,
+                                                                                  axis=1))
 
     x, new_kv = self._run_layers(x, positions, segment_ids, cache)
     if cache is not None:
@@ -329,7 +331,8 @@ class Transformer(nnx.Module):
 
     policy = REMAT_POLICIES[self.config.remat]
     if self.config.remat != 'none':
-      apply_block = jax.checkpoint(apply_block, policy=policy,
+      apply_block = jax.checkpoint(apply_block,
+                                   policy=policy,
                                    prevent_cse=not self.config.scan_layers)
     if self.config.scan_layers:
       return jax.lax.scan(apply_block, x, (layer_params, kv))

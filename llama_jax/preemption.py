@@ -32,8 +32,10 @@ class StopRequest:
   def _handle(self, signum, frame):
     del frame
     self.requested = True
-    print(f'\nreceived {signal.Signals(signum).name}: stopping after this step and saving a '
-          'checkpoint', flush=True)
+    print(
+        f'\nreceived {signal.Signals(signum).name}: stopping after this step and saving a '
+        'checkpoint',
+        flush=True)
 
   def should_stop(self, at_logging_step: bool) -> bool:
     """Whether to stop now; on several processes only decided at logging steps."""

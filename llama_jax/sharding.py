@@ -53,14 +53,14 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   slices = len({getattr(device, 'slice_index', 0) for device in devices})
   # Splitting physical axes lets e.g. tensor=2 x sequence=2 share one 4-chip torus axis.
   if slices == 1:
-    device_array = mesh_utils.create_device_mesh(shape, devices,
-                                                 allow_split_physical_axes=True)
+    device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return jax.sharding.Mesh(device_array, MESH_AXES, axis_types=axis_types)
   if shape[0] % slices:
     raise ConfigError(f'mesh.data ({shape[0]}) must be a multiple of the {slices} slices: '
                       'data parallelism is what runs across slices.')
   in_slice = (shape[0] // slices, *shape[1:])
-  device_array = mesh_utils.create_hybrid_device_mesh(in_slice, (slices, 1, 1, 1), devices,
+  device_array = mesh_utils.create_hybrid_device_mesh(in_slice, (slices, 1, 1, 1),
+                                                      devices,
                                                       allow_split_physical_axes=True)
   return jax.sharding.Mesh(device_array, MESH_AXES, axis_types=axis_types)
 
@@ -87,15 +87,16 @@ def logical_to_mesh(logical_axes, rules) -> PartitionSpec:
       mesh_axes += [axes] if isinstance(axes, str) else list(axes or ())
     mesh_axes = [axis for axis in dict.fromkeys(mesh_axes) if axis not in used]
     used.update(mesh_axes)
-    spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1
-                else tuple(mesh_axes))
+    spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) ==
+                1 else tuple(mesh_axes))
   return PartitionSpec(*spec)
 
 
 def state_shardings(abstract_state, mesh, rules):
   """NamedShardings for a pytree whose nnx.Variables carry logical axis names."""
   specs = nnx.get_partition_spec(abstract_state)
-  return jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_mesh(spec, rules)), specs,
+  return jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_mesh(spec, rules)),
+                      specs,
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
@@ -105,7 +106,6 @@ def batch_sharding(mesh, rules) -> NamedSharding:
 
 class activation_sharding:
   """Context manager: `constrain` inside it places activations on `mesh` by `rules`."""
-
   def __init__(self, mesh, rules):
     self.context = (mesh, dict(rules))
 
@@ -136,8 +136,8 @@ def constrain(x, logical_axes):
   if _context is None:
     return x
   mesh, rules = _context
-  return jax.lax.with_sharding_constraint(
-      x, NamedSharding(mesh, logical_to_mesh(logical_axes, rules)))
+  return jax.lax.with_sharding_constraint(x,
+                                          NamedSharding(mesh, logical_to_mesh(logical_axes, rules)))
 
 
 def rows_of_process(sharding: NamedSharding, global_batch: int) -> range:
@@ -152,14 +152,13 @@ def rows_of_process(sharding: NamedSharding, global_batch: int) -> range:
   return range(rows[0], rows[-1] + 1)
 
 
-def global_batch(local_batch: dict, sharding: NamedSharding, batch_size: int,
-                 rows: range) -> dict:
+def global_batch(local_batch: dict, sharding: NamedSharding, batch_size: int, rows: range) -> dict:
   """Assembles this process's rows [len(rows), length] into global jax.Arrays."""
-
   def assemble(local):
     def shard(index):  # index: (rows slice, length slice) of the global array
       start, stop, _ = index[0].indices(batch_size)
       return local[start - rows.start:stop - rows.start, index[1]]
+
     return jax.make_array_from_callback((batch_size,) + local.shape[1:], sharding, shard)
 
   return jax.tree.map(assemble, local_batch)

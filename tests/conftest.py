@@ -1,14 +1,96 @@
-"""Test set-up: 8 simulated CPU devices (before jax is imported) and the repo on sys.path."""
+"""Test set-up: 8 simulated CPU devices (before jax is imported), and the helpers that
+several test modules share, as fixtures."""
 
+import json
 import os
-import sys
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+
+import importlib  # noqa: E402  (jax reads XLA_FLAGS when it is first imported)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+import pytest  # noqa: E402
+
+WORDS = ('alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu def return '
+         'class import for while 0 1 2 3 42 1999 café naïve 日本 語').split()
 
 
-def pytest_configure(config):
-  config.addinivalue_line('markers', 'slow: takes a minute or more (deselect: -m "not slow")')
+def _write_corpus(folder, n_files=60, seed=0):
+  rng = np.random.default_rng(seed)
+  for i in range(n_files):
+    sub = os.path.join(folder, f'pkg{i % 3}')
+    os.makedirs(sub, exist_ok=True)
+    text = '\n'.join(
+        ' '.join(rng.choice(WORDS, rng.integers(3, 12))) for _ in range(rng.integers(2, 30)))
+    with open(os.path.join(sub, f'file{i}.txt'), 'w', encoding='utf-8') as f:
+      f.write(text)
+  os.makedirs(os.path.join(folder, 'tests'))  # skipped, like the stdlib's test folders
+  with open(os.path.join(folder, 'tests', 'skipped.txt'), 'w') as f:
+    f.write('never read')
+  with open(os.path.join(folder, 'lines.jsonl'), 'w') as f:
+    for i in range(5):
+      f.write(json.dumps({'text': f'jsonl document {i}'}) + '\n')
+
+
+def _small_config(text_dir, data_dir, **overrides):
+  """The tiny config shrunk further, on the test corpus: seconds per run."""
+  config = importlib.import_module('configs.tiny').get_config()
+  config.model.update(
+      dict(dim=64, n_layers=2, n_heads=4, vocab_size=400, max_seq_len=64, dtype='float32'))
+  config.train.update(dict(steps=20, batch_size=8, seq_len=32, eval_every=10, eval_batches=2))
+  config.optim.update(dict(warmup_steps=5, decay_steps=20))  # the same schedule when stopped early
+  config.data.update(dict(text_dir=text_dir, data_dir=data_dir, prefetch=2))
+  config.checkpoint.update(dict(every_steps=10, keep=5))
+  config.logging.every_steps = 1
+  for key, value in overrides.items():
+    group, name = key.split('.')
+    config[group][name] = value
+  return config
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return {row['step']: row['loss'] for row in rows if 'loss' in row}
+
+
+def _final_params(workdir, step):
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
+  restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+  return jax.tree.leaves(restored.params)
+
+
+@pytest.fixture(scope='session')
+def write_corpus():
+  """write_corpus(folder, n_files=60, seed=0): random text files, a jsonl and a tests/ folder."""
+  return _write_corpus
+
+
+@pytest.fixture(scope='module')
+def corpus_dirs(tmp_path_factory):
+  """(text_dir, data_dir): an 80-file corpus and an empty TFDS data dir, per test module."""
+  text_dir = str(tmp_path_factory.mktemp('corpus'))
+  _write_corpus(text_dir, n_files=80)
+  return text_dir, str(tmp_path_factory.mktemp('tfds'))
+
+
+@pytest.fixture(scope='session')
+def small_config():
+  """small_config(text_dir, data_dir, **{'group.key': value}): the tiny config shrunk further."""
+  return _small_config
+
+
+@pytest.fixture(scope='session')
+def losses():
+  """losses(workdir): {step: loss} from the run's metrics.jsonl."""
+  return _losses
+
+
+@pytest.fixture(scope='session')
+def final_params():
+  """final_params(workdir, step): the checkpoint's parameter arrays, in tree order."""
+  return _final_params

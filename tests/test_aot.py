@@ -11,9 +11,9 @@ import pytest
 from llama_jax import aot
 from llama_jax import sharding as sharding_lib
 from llama_jax.errors import ConfigError, UserError
-from test_train import REPO
 
 GIB = 2**30
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(**mesh):
@@ -22,6 +22,7 @@ def tiny(**mesh):
   return config
 
 
+@pytest.mark.slow
 def test_tiny_step_compiles_for_v5e_with_splash_attention_and_fits():
   chip, devices = aot.topology_devices('v5e-4')
   assert len(devices) == 4 and chip.hbm_bytes == 16 * GIB
@@ -34,11 +35,14 @@ def test_tiny_step_compiles_for_v5e_with_splash_attention_and_fits():
   assert 0 < memory['total'] < chip.hbm_bytes
 
 
+@pytest.mark.slow
 def test_a_step_too_big_for_the_chip_exits_1():
   overrides = dict(dim=1024, n_layers=2, vocab_size=32000, max_seq_len=2048, remat='none')
-  command = [sys.executable, '-m', 'llama_jax.aot', '--config=configs/tiny.py',
-             '--topology=v5e-1', '--config.train.batch_size=32', '--config.train.seq_len=2048',
-             *[f'--config.model.{k}={v}' for k, v in overrides.items()]]
+  command = [
+      sys.executable, '-m', 'llama_jax.aot', '--config=configs/tiny.py', '--topology=v5e-1',
+      '--config.train.batch_size=32', '--config.train.seq_len=2048',
+      *[f'--config.model.{k}={v}' for k, v in overrides.items()]
+  ]
   env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD='1')  # this test process holds libtpu too
   done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
   assert done.returncode == 1, done.stderr[-2000:]
@@ -78,6 +82,18 @@ def test_bad_topologies_and_meshes(monkeypatch):
 
   def no_libtpu(**kwargs):
     raise RuntimeError('Unable to initialize backend tpu')
+
   monkeypatch.setattr(topologies, 'get_topology_desc', no_libtpu)
   with pytest.raises(UserError, match=r"pip install -e '.\[tpu\]'"):
     aot.topology_devices('v5e-4')
+
+  def held_by_another_process(**kwargs):  # the message libtpu gives (seen on this machine)
+    raise RuntimeError('TPU initialization failed: open(/tmp/libtpu_lockfile): Resource '
+                       'temporarily unavailable; libtpu multi-process lockfile')
+
+  monkeypatch.setattr(topologies, 'get_topology_desc', held_by_another_process)
+  with pytest.raises(UserError,
+                     match='another process on this machine holds '
+                     '/tmp/libtpu_lockfile') as error:
+    aot.topology_devices('v5e-4')
+  assert 'pip install' not in str(error.value)

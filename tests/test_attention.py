@@ -16,8 +16,9 @@ def naive_attention(q, k, v, segment_ids):
   out = np.zeros(q.shape)
   for b in range(batch):
     for i in range(length):
-      visible = [j for j in range(i + 1)
-                 if segment_ids is None or segment_ids[b, j] == segment_ids[b, i]]
+      visible = [
+          j for j in range(i + 1) if segment_ids is None or segment_ids[b, j] == segment_ids[b, i]
+      ]
       for n in range(heads):
         keys, values = k[b, visible, n // group], v[b, visible, n // group]
         scores = keys @ q[b, i, n] / np.sqrt(head_dim)
@@ -57,7 +58,12 @@ def check_against_reference(implementation, length, heads, kv_heads, with_segmen
     return jnp.sum(attention_fn(q, k, v) * cotangent)
 
   def candidate(q, k, v):
-    return attention_lib.attention(q, k, v, segments, segments, implementation=implementation,
+    return attention_lib.attention(q,
+                                   k,
+                                   v,
+                                   segments,
+                                   segments,
+                                   implementation=implementation,
                                    block_size=block)
 
   def reference(q, k, v):
@@ -70,7 +76,8 @@ def check_against_reference(implementation, length, heads, kv_heads, with_segmen
     np.testing.assert_allclose(grad, want, atol=2e-5)
 
 
-@pytest.mark.parametrize('length', [1, 16, 37])  # block 16: several, and lengths not dividing it
+# Block 16: one block, and three with a length that does not divide them.
+@pytest.mark.parametrize('length', [1, 16, pytest.param(37, marks=pytest.mark.slow)])
 @pytest.mark.parametrize('heads,kv_heads', [(4, 4), (4, 2)])
 @pytest.mark.parametrize('with_segments', [False, True])
 def test_blockwise_matches_reference(length, heads, kv_heads, with_segments):
@@ -78,11 +85,12 @@ def test_blockwise_matches_reference(length, heads, kv_heads, with_segments):
 
 
 # One block and several; splash's blocks are multiples of the TPU's 128 lanes.
-@pytest.mark.parametrize('implementation,length,block', [
-    ('splash', 128, 128), ('splash', 256, 128), ('triton', 16, 16), ('triton', 48, 16)])
+@pytest.mark.slow
+@pytest.mark.parametrize('implementation,length,block', [('splash', 128, 128), ('splash', 256, 128),
+                                                         ('triton', 16, 16), ('triton', 48, 16)])
 @pytest.mark.parametrize('heads,kv_heads', [(4, 4), (4, 2)])
-def test_pallas_kernel_matches_reference_in_interpret_mode(implementation, length, block,
-                                                           heads, kv_heads):
+def test_pallas_kernel_matches_reference_in_interpret_mode(implementation, length, block, heads,
+                                                           kv_heads):
   """The TPU and GPU kernels themselves, run by Pallas' interpreter on the CPU, with packed
   documents whose boundaries fall inside blocks."""
   check_against_reference(implementation, length, heads, kv_heads, True, block=block)
@@ -105,8 +113,13 @@ def test_training_attention_never_builds_a_length_by_length_array(implementation
 
 def test_auto_resolves_per_platform_and_shape():
   def resolve(platform, length=2048, dtype=jnp.bfloat16, segments=True, implementation='auto'):
-    return attention_lib.resolve_implementation(implementation, platform, length=length,
-                                                head_dim=128, dtype=dtype, segments=segments)
+    return attention_lib.resolve_implementation(implementation,
+                                                platform,
+                                                length=length,
+                                                head_dim=128,
+                                                dtype=dtype,
+                                                segments=segments)
+
   assert resolve('cpu') == 'reference'
   assert resolve('tpu') == 'splash'
   assert resolve('tpu', length=2000) == 'blockwise'
@@ -114,7 +127,8 @@ def test_auto_resolves_per_platform_and_shape():
   assert resolve('gpu') == 'triton'  # cuDNN cannot mask packed documents
   assert resolve('gpu', dtype=jnp.float32, segments=False) == 'triton'
   assert resolve('gpu', length=1000) == 'blockwise'
-  with pytest.raises(ConfigError, match='model.attention=cudnn cannot keep attention inside '
+  with pytest.raises(ConfigError,
+                     match='model.attention=cudnn cannot keep attention inside '
                      'packed documents.*data.segment_mask=False.*auto \\(here: triton\\)'):
     resolve('gpu', implementation='cudnn')
   with pytest.raises(ConfigError, match='splash runs on TPUs'):

@@ -16,16 +16,23 @@ from llama_jax.errors import UserError
 
 
 def make_hf_model(folder, n_kv_heads=4, rope_theta=10000.0, seed=0):
-  config = transformers.LlamaConfig(
-      hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=n_kv_heads, vocab_size=102, rope_theta=rope_theta,
-      max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+  config = transformers.LlamaConfig(hidden_size=64,
+                                    intermediate_size=176,
+                                    num_hidden_layers=2,
+                                    num_attention_heads=4,
+                                    num_key_value_heads=n_kv_heads,
+                                    vocab_size=102,
+                                    rope_theta=rope_theta,
+                                    max_position_embeddings=128,
+                                    rms_norm_eps=1e-5,
+                                    bos_token_id=1,
+                                    eos_token_id=2)
   torch.manual_seed(seed)
   model = transformers.LlamaForCausalLM(config).eval()
   with torch.no_grad():  # weights large enough that a wrong layout shows in the logits
     for name, param in model.named_parameters():
-      param.copy_(1 + 0.2 * torch.randn_like(param) if 'norm' in name
-                  else 0.15 * torch.randn_like(param))
+      param.copy_(1 + 0.2 * torch.randn_like(param) if 'norm' in name else 0.15 *
+                  torch.randn_like(param))
   model.save_pretrained(folder)
   return model
 
@@ -92,9 +99,11 @@ def write_meta_checkpoint(hf_model, folder, shards=2):
     out_dim, in_dim = w.shape
     return w.reshape(n, 2, out_dim // n // 2, in_dim).transpose(0, 2, 1, 3).reshape(out_dim, in_dim)
 
-  meta = {'tok_embeddings.weight': (state['model.embed_tokens.weight'], 1),
-          'norm.weight': (state['model.norm.weight'], None),
-          'output.weight': (state['lm_head.weight'], 0)}
+  meta = {
+      'tok_embeddings.weight': (state['model.embed_tokens.weight'], 1),
+      'norm.weight': (state['model.norm.weight'], None),
+      'output.weight': (state['lm_head.weight'], 0)
+  }
   for i in range(config.num_hidden_layers):
     hf = lambda name: state[f'model.layers.{i}.{name}.weight']
     meta.update({
@@ -110,13 +119,23 @@ def write_meta_checkpoint(hf_model, folder, shards=2):
     })
   os.makedirs(folder)
   for shard in range(shards):
-    tensors = {name: torch.tensor(w if axis is None else np.split(w, shards, axis)[shard])
-               for name, (w, axis) in meta.items()}
+    tensors = {
+        name: torch.tensor(w if axis is None else np.split(w, shards, axis)[shard])
+        for name, (w, axis) in meta.items()
+    }
     torch.save(tensors, os.path.join(folder, f'consolidated.{shard:02d}.pth'))
   with open(os.path.join(folder, 'params.json'), 'w') as f:
-    json.dump({'dim': 64, 'n_layers': 2, 'n_heads': heads, 'n_kv_heads': kv_heads,
-               'vocab_size': -1, 'multiple_of': 16, 'norm_eps': 1e-5,
-               'rope_theta': config.rope_parameters['rope_theta']}, f)
+    json.dump(
+        {
+            'dim': 64,
+            'n_layers': 2,
+            'n_heads': heads,
+            'n_kv_heads': kv_heads,
+            'vocab_size': -1,
+            'multiple_of': 16,
+            'norm_eps': 1e-5,
+            'rope_theta': config.rope_parameters['rope_theta']
+        }, f)
 
 
 def test_meta_two_shard_checkpoint_matches_hugging_face(tmp_path):
@@ -135,8 +154,11 @@ def test_greedy_generation_matches_transformers(tmp_path):
   got = generate.generate(ours, prompts, generate.Sampling(max_new_tokens=10), eos_id=2)
   for prompt, generated in zip(prompts, got):
     with torch.no_grad():
-      want = hf_model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
-                               eos_token_id=2, pad_token_id=0)[0, len(prompt):].tolist()
+      want = hf_model.generate(torch.tensor([prompt]),
+                               max_new_tokens=10,
+                               do_sample=False,
+                               eos_token_id=2,
+                               pad_token_id=0)[0, len(prompt):].tolist()
     want = want[:want.index(2)] if 2 in want else want
     assert generated == want
 

@@ -10,29 +10,9 @@ from llama_jax.data import builtin_text, pipeline, sources
 from llama_jax.data import tokenizer as tokenizer_lib
 from llama_jax.errors import UserError
 
-WORDS = ('alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu def return '
-         'class import for while 0 1 2 3 42 1999 café naïve 日本 語').split()
-
-
-def write_corpus(folder, n_files=60, seed=0):
-  rng = np.random.default_rng(seed)
-  for i in range(n_files):
-    sub = os.path.join(folder, f'pkg{i % 3}')
-    os.makedirs(sub, exist_ok=True)
-    text = '\n'.join(' '.join(rng.choice(WORDS, rng.integers(3, 12)))
-                     for _ in range(rng.integers(2, 30)))
-    with open(os.path.join(sub, f'file{i}.txt'), 'w', encoding='utf-8') as f:
-      f.write(text)
-  os.makedirs(os.path.join(folder, 'tests'))  # skipped, like the stdlib's test folders
-  with open(os.path.join(folder, 'tests', 'skipped.txt'), 'w') as f:
-    f.write('never read')
-  with open(os.path.join(folder, 'lines.jsonl'), 'w') as f:
-    for i in range(5):
-      f.write(json.dumps({'text': f'jsonl document {i}'}) + '\n')
-
 
 @pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
+def corpus(tmp_path_factory, write_corpus):
   text_dir = str(tmp_path_factory.mktemp('corpus'))
   write_corpus(text_dir)
   data_dir = str(tmp_path_factory.mktemp('tfds'))
@@ -41,8 +21,12 @@ def corpus(tmp_path_factory):
   train = sources.open_split(builder, 'train', 'text')
   documents = [train[i]['text'].decode() for i in range(len(train))]
   tokenizer = tokenizer_lib.train(documents, 400, os.path.join(data_dir, 'tok.model'))
-  return dict(text_dir=text_dir, data_dir=data_dir, builder=builder, train=train,
-              tokenizer=tokenizer, documents=documents)
+  return dict(text_dir=text_dir,
+              data_dir=data_dir,
+              builder=builder,
+              train=train,
+              tokenizer=tokenizer,
+              documents=documents)
 
 
 def split_texts(builder, split):
@@ -92,9 +76,15 @@ def test_missing_and_corrupt_tokenizer_files(tmp_path):
 
 
 def make_batches(corpus, rows, batch_size=4, seq_len=32, shuffle=True):
-  return pipeline.batches(corpus['train'], text_feature='text', tokenizer=corpus['tokenizer'],
-                          batch_size=batch_size, rows=rows, seq_len=seq_len, seed=3,
-                          shuffle=shuffle, prefetch=2)
+  return pipeline.batches(corpus['train'],
+                          text_feature='text',
+                          tokenizer=corpus['tokenizer'],
+                          batch_size=batch_size,
+                          rows=rows,
+                          seq_len=seq_len,
+                          seed=3,
+                          shuffle=shuffle,
+                          prefetch=2)
 
 
 def test_packing_keeps_every_token_once_in_order(corpus):
@@ -104,8 +94,8 @@ def test_packing_keeps_every_token_once_in_order(corpus):
   iterator = iter(make_batches(corpus, range(batch_size), batch_size, seq_len, shuffle=False))
   batches = [next(iterator) for _ in range(steps)]
   for row in range(batch_size):
-    expected = np.concatenate([tokenizer_lib.encode_document(tokenizer, d)
-                               for d in documents[row::batch_size] * 3])
+    expected = np.concatenate(
+        [tokenizer_lib.encode_document(tokenizer, d) for d in documents[row::batch_size] * 3])
     # Each packed row holds seq_len + 1 tokens; inputs drop the last, targets the first.
     full = np.concatenate([np.append(b['inputs'][row], b['targets'][row][-1]) for b in batches])
     np.testing.assert_array_equal(full, expected[:len(full)])
@@ -137,9 +127,11 @@ def test_segment_ids_positions_and_weights_at_boundaries(corpus):
 def test_host_shards_union_is_the_global_batch(corpus, hosts):
   batch_size = 8
   whole = iter(make_batches(corpus, range(batch_size), batch_size))
-  per_host = [iter(make_batches(corpus, range(h * batch_size // hosts,
-                                              (h + 1) * batch_size // hosts), batch_size))
-              for h in range(hosts)]
+  per_host = [
+      iter(
+          make_batches(corpus, range(h * batch_size // hosts, (h + 1) * batch_size // hosts),
+                       batch_size)) for h in range(hosts)
+  ]
   for _ in range(5):
     want = next(whole)
     parts = [next(it) for it in per_host]
@@ -164,8 +156,14 @@ def test_resume_gives_the_batches_of_an_uninterrupted_run(corpus):
 
 def test_epochs_reshuffle(corpus):
   documents = len(corpus['documents'])
-  dataset = pipeline.batches(corpus['train'], text_feature='text', tokenizer=corpus['tokenizer'],
-                             batch_size=1, rows=range(1), seq_len=4096, seed=0, prefetch=0)
+  dataset = pipeline.batches(corpus['train'],
+                             text_feature='text',
+                             tokenizer=corpus['tokenizer'],
+                             batch_size=1,
+                             rows=range(1),
+                             seq_len=4096,
+                             seed=0,
+                             prefetch=0)
   # One row, long sequences: the first token of each document appears in document order.
   bos = corpus['tokenizer'].bos_id()
   iterator = iter(dataset)

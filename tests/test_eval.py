@@ -10,81 +10,130 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax import evaluate, generate, trainer
+from configs import default
+from llama_jax import convert, evaluation, generate, train_loop
+from llama_jax import experiment as experiment_lib
 from llama_jax import model as model_lib
 from llama_jax import sharding as sharding_lib
+from llama_jax.data import pipeline, sources
 from llama_jax.data import tokenizer as tokenizer_lib
 from llama_jax.errors import UserError
-from test_train import REPO, small_config
-from test_data import write_corpus
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = os.path.join(os.path.dirname(__file__), 'example_task.jsonl')
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
+def run(tmp_path_factory, corpus_dirs, small_config):
   """A small run trained on 8 devices with FSDP x tensor sharding."""
-  text_dir = str(tmp_path_factory.mktemp('corpus'))
-  write_corpus(text_dir, n_files=80)
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  text_dir, data_dir = corpus_dirs
   workdir = str(tmp_path_factory.mktemp('run'))
-  config = small_config(text_dir, data_dir, **{'mesh.fsdp': 4, 'mesh.tensor': 2,
-                                               'train.steps': 12, 'train.eval_every': 12})
-  last = trainer.train(config, workdir)
-  _, _, tokenizer = trainer.prepare_data(config.data, config.model.vocab_size)
-  return dict(workdir=workdir, config=config, eval_loss=last['eval_loss'], tokenizer=tokenizer,
-              overrides={'data.data_dir': data_dir, 'data.text_dir': text_dir})
+  config = small_config(
+      text_dir, data_dir, **{
+          'mesh.fsdp': 4,
+          'mesh.tensor': 2,
+          'train.steps': 12,
+          'train.eval_every': 12
+      })
+  last = train_loop.train(config, workdir)
+  builder = sources.dataset_builder('builtin_text', data_dir, text_dir)
+  tokenizer = tokenizer_lib.for_data(config.data, config.model.vocab_size, builder)
+  return dict(workdir=workdir,
+              config=config,
+              eval_loss=last['eval_loss'],
+              tokenizer=tokenizer,
+              overrides={
+                  'data.data_dir': data_dir,
+                  'data.text_dir': text_dir
+              })
 
 
-def restored(run, devices, mesh_sizes, bfloat16=False):
+def restored(run, devices, mesh_sizes, bfloat16=False, **overrides):
+  """(model, config, experiment, params) of the run's checkpoint on `devices`, as eval.py
+  restores it."""
   directory = os.path.join(run['workdir'], 'checkpoints')
-  config, step = evaluate.load_config(directory, None, run['overrides'])
+  config, step = evaluation.load_config(directory, None, {
+      **run['overrides'],
+      **overrides
+  }, default.get_config())
   config.mesh.update(dict(zip(sharding_lib.MESH_AXES, mesh_sizes)))
-  mesh = sharding_lib.make_mesh(config.mesh, devices)
-  return evaluate.restore_model(directory, step, config, mesh, bfloat16), config
+  experiment = experiment_lib.build(config, devices)
+  params = evaluation.restore_params(directory, step, experiment.model_config,
+                                     experiment.shardings.params, bfloat16)
+  return evaluation.model_of(params, config), config, experiment, params
+
+
+def perplexity(run, **overrides):
+  """eval.py's perplexity of the run's checkpoint on one device."""
+  _, config, experiment, params = restored(run, jax.devices()[:1], (1, 1, 1, 1), **overrides)
+  _, _, eval_source = sources.open_sources(config.data)
+  rows = range(config.train.batch_size)
+  host = iter(pipeline.host_batches(config, eval_source, run['tokenizer'], rows, shuffle=False))
+  batches = pipeline.global_batches(host, experiment.batch_sharding, len(rows), rows)
+  return evaluation.perplexity(experiment.eval_step, params, batches, config.train.eval_batches,
+                               jax.numpy.asarray(evaluation.byte_lengths(run['tokenizer'])))
 
 
 def test_restores_onto_any_mesh(run):
   tokens = np.random.default_rng(0).integers(0, 400, (2, 16))
-  one, _ = restored(run, jax.devices()[:1], (1, 1, 1, 1))
-  two, _ = restored(run, jax.devices()[:2], (1, 1, 1, 2))
-  eight, _ = restored(run, jax.devices(), (2, 2, 1, 2))
+  one = restored(run, jax.devices()[:1], (1, 1, 1, 1))[0]
+  two = restored(run, jax.devices()[:2], (1, 1, 1, 2))[0]
+  eight = restored(run, jax.devices(), (2, 2, 1, 2))[0]
   want = np.asarray(one(tokens)[0])
   np.testing.assert_allclose(two(tokens)[0], want, atol=1e-5)
   np.testing.assert_allclose(eight(tokens)[0], want, atol=1e-5)
   wq = two.layers.attention.wq[...]
   assert wq.sharding.spec[2] == 'tensor' and len(wq.sharding.device_set) == 2
-  half, _ = restored(run, jax.devices()[:1], (1, 1, 1, 1), bfloat16=True)
+  half = restored(run, jax.devices()[:1], (1, 1, 1, 1), bfloat16=True)[0]
   assert half.output[...].dtype == jax.numpy.bfloat16
   np.testing.assert_allclose(half(tokens)[0], want, atol=0.1)
 
 
 def test_perplexity_equals_the_training_eval_loss(run):
-  model, config = restored(run, jax.devices()[:1], (1, 1, 1, 1))
-  tokenizer = run['tokenizer']
-  _, eval_source, _ = trainer.prepare_data(config.data, config.model.vocab_size)
-  rows = range(config.train.batch_size)
-  batches = iter(trainer.host_batches(config, eval_source, tokenizer, rows, shuffle=False))
-  assert config.train.loss_chunks == 1  # training evaluated whole sequences; here 4 chunks
-  result = evaluate.perplexity(model, batches, config.train.eval_batches, tokenizer,
-                               loss_chunks=4)
+  assert run['config'].train.loss_chunks == 1  # training evaluated whole sequences; here 4
+  result = perplexity(run, **{'train.loss_chunks': 4})
   assert result['loss'] == pytest.approx(run['eval_loss'], rel=1e-5)
   assert result['perplexity'] == pytest.approx(np.exp(result['loss']))
 
 
+def test_perplexity_follows_the_segment_mask_setting(run):
+  """With data.segment_mask off, attention spans the packed documents: the loss equals
+  full causal attention over each row, computed here by calling the model directly."""
+  longer = {'train.seq_len': 64, 'train.eval_batches': 4}  # rows holding two documents
+  masked = perplexity(run, **longer)
+  unmasked = perplexity(run, **longer, **{'data.segment_mask': False})
+  model, config, _, _ = restored(run, jax.devices()[:1], (1, 1, 1, 1), **longer)
+  _, _, eval_source = sources.open_sources(config.data)
+  rows = range(config.train.batch_size)
+  host = iter(pipeline.host_batches(config, eval_source, run['tokenizer'], rows, shuffle=False))
+  nll = weight = documents = 0.0
+  for _ in range(config.train.eval_batches):
+    batch = next(host)
+    documents += sum(len(set(row)) for row in batch['segment_ids'])
+    logits = np.asarray(model(batch['inputs'])[0], np.float64)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    target_logp = np.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
+    nll, weight = nll - (target_logp * batch['weights']).sum(), weight + batch['weights'].sum()
+  assert documents > len(rows) * config.train.eval_batches  # some row spans a boundary
+  assert unmasked['loss'] == pytest.approx(nll / weight, rel=1e-5)
+  assert abs(unmasked['loss'] - masked['loss']) > 1e-4
+
+
 def test_token_byte_lengths_add_up_to_the_text(run):
   tokenizer = run['tokenizer']
-  lengths = evaluate.byte_lengths(tokenizer)
+  lengths = evaluation.byte_lengths(tokenizer)
   for text in ('def f(x):\n    return x + 1', 'café 日本 1999'):
     ids = tokenizer_lib.encode_document(tokenizer, text)
     assert lengths[ids].sum() == len((' ' + text).encode())  # sentencepiece's dummy prefix
 
 
+@pytest.mark.slow
 def test_multiple_choice_matches_a_naive_scorer(run):
-  model, _ = restored(run, jax.devices()[:1], (1, 1, 1, 1))
+  model = restored(run, jax.devices()[:1], (1, 1, 1, 1))[0]
   tokenizer = run['tokenizer']
-  examples = evaluate.read_task(TASK)
-  result = evaluate.multiple_choice(model, tokenizer, examples, batch_size=4)
+  examples = evaluation.read_task(TASK)
+  result = evaluation.multiple_choice(model, tokenizer, examples, batch_size=4)
   correct = correct_norm = 0
   for example in examples:
     scores = []
@@ -96,8 +145,8 @@ def test_multiple_choice_matches_a_naive_scorer(run):
       logp = jax.nn.log_softmax(logits[0], axis=-1)
       scores.append(sum(float(logp[t - 1, full[t]]) for t in range(len(context), len(full))))
     correct += int(np.argmax(scores) == example['label'])
-    correct_norm += int(np.argmax([s / len(c) for s, c in zip(scores, example['choices'])])
-                        == example['label'])
+    correct_norm += int(
+        np.argmax([s / len(c) for s, c in zip(scores, example['choices'])]) == example['label'])
   assert result['accuracy'] == correct / len(examples)
   assert result['accuracy_norm'] == correct_norm / len(examples)
 
@@ -107,15 +156,21 @@ def test_sampling_options():
   rng = jax.random.key(0)
   greedy = generate.Sampling()
   assert int(generate.sample(logits, rng, greedy)[0]) == 0
-  draws = lambda sampling: {int(generate.sample(logits, k, sampling)[0])
-                            for k in jax.random.split(rng, 200)}
+  draws = lambda sampling: {
+      int(generate.sample(logits, k, sampling)[0]) for k in jax.random.split(rng, 200)
+  }
   assert draws(generate.Sampling(temperature=1.0, top_k=2)) == {0, 1}
   assert draws(generate.Sampling(temperature=1.0, top_p=0.7)) == {0, 1}
   assert draws(generate.Sampling(temperature=1.0)) == {0, 1, 2, 3}
 
 
+@pytest.mark.slow
 def test_generation_matches_a_loop_without_cache_and_compiles_once():
-  config = model_lib.ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=50, multiple_of=16,
+  config = model_lib.ModelConfig(dim=32,
+                                 n_layers=2,
+                                 n_heads=2,
+                                 vocab_size=50,
+                                 multiple_of=16,
                                  dtype='float32')
   model = model_lib.Transformer(config, rngs=nnx.Rngs(0))
   prompts = [[1, 4, 5, 30, 12], [1, 9]]
@@ -140,27 +195,52 @@ def test_generation_matches_a_loop_without_cache_and_compiles_once():
 
 
 def test_bad_workdirs_and_steps(run, tmp_path):
+  defaults = default.get_config()
   with pytest.raises(UserError, match='no checkpoints in'):
-    evaluate.load_config(str(tmp_path / 'checkpoints'), None, {})
+    evaluation.load_config(str(tmp_path / 'checkpoints'), None, {}, defaults)
   with pytest.raises(UserError, match='no checkpoint of step 7 .* has steps 10, 12'):
-    evaluate.load_config(os.path.join(run['workdir'], 'checkpoints'), 7, {})
-  config, step = evaluate.load_config(os.path.join(run['workdir'], 'checkpoints'), None,
-                                      run['overrides'])
+    evaluation.load_config(os.path.join(run['workdir'], 'checkpoints'), 7, {}, defaults)
+  config, step = evaluation.load_config(os.path.join(run['workdir'], 'checkpoints'), None,
+                                        run['overrides'], defaults)
   tokenizer_lib.train(['some text for a tiny tokenizer'] * 50, 300, str(tmp_path / 'other.model'))
   config.data.tokenizer = str(tmp_path / 'other.model')
   with pytest.raises(UserError, match='has 300 tokens but model.vocab_size is 400'):
-    trainer.prepare_data(config.data, config.model.vocab_size)
+    tokenizer_lib.for_data(config.data, config.model.vocab_size)
 
 
+@pytest.mark.slow
 def test_eval_command_line(run, tmp_path):
   overrides = [f'--config.{k}={v}' for k, v in run['overrides'].items()]
-  command = [sys.executable, 'eval.py', f'--workdir={run["workdir"]}', '--prompt=def f(',
-             f'--task={TASK}', '--max_new_tokens=5', *overrides]
+  command = [
+      sys.executable, 'eval.py', f'--workdir={run["workdir"]}', '--prompt=def f(', f'--task={TASK}',
+      '--max_new_tokens=5', *overrides
+  ]
   done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   with open(os.path.join(run['workdir'], 'eval_step12.json')) as f:
     results = json.load(f)
   assert results['task']['examples'] == 6 and len(results['generations']) == 1
-  missing = subprocess.run([sys.executable, 'eval.py', f'--workdir={tmp_path}'], cwd=REPO,
-                           capture_output=True, text=True, timeout=600)
+  missing = subprocess.run([sys.executable, 'eval.py', f'--workdir={tmp_path}'],
+                           cwd=REPO,
+                           capture_output=True,
+                           text=True,
+                           timeout=600)
   assert missing.returncode != 0 and 'error: no checkpoints in' in missing.stderr
+
+
+def test_converted_weights_without_a_tokenizer_say_so_and_prepare_nothing(run, tmp_path):
+  """eval.py never trains a tokenizer: for converted weights it asks for theirs."""
+  convert.write_orbax(*convert.read_orbax(run['workdir']), str(tmp_path / 'converted'))
+  data_dir = tmp_path / 'tfds'
+  done = subprocess.run([
+      sys.executable, 'eval.py', f'--workdir={tmp_path / "converted"}', '--prompt=def f(',
+      f'--config.data.data_dir={data_dir}'
+  ],
+                        cwd=REPO,
+                        capture_output=True,
+                        text=True,
+                        timeout=600)
+  assert done.returncode != 0
+  assert 'error: no tokenizer: data.tokenizer is empty' in done.stderr, done.stderr[-2000:]
+  assert '--config.data.tokenizer=PATH' in done.stderr
+  assert not data_dir.exists() or not any(data_dir.iterdir())  # nothing prepared or trained

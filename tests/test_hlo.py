@@ -13,11 +13,12 @@ def test_collectives_count_every_loop_iteration():
   def per_device(x):  # x: [1, 1024] float32 on each of 8 devices
     def body(carry, _):  # 5 iterations x 1 all-reduce of 4 KiB
       return carry + jax.lax.psum(carry, 'x'), None
+
     x = jax.lax.scan(body, x, None, length=5)[0]
     return jax.lax.all_gather(x, 'x', tiled=True)  # once: [8, 1024] float32
 
-  step = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P('x'), out_specs=P(),
-                                 check_vma=False))
+  step = jax.jit(
+      jax.shard_map(per_device, mesh=mesh, in_specs=P('x'), out_specs=P(), check_vma=False))
   text = step.lower(jnp.ones((8, 1024))).compile().as_text()
   counts = hlo.collectives(text)
   assert counts['all-reduce'] == (5, 5 * 1024 * 4)

@@ -10,9 +10,16 @@ from flax import nnx
 from llama_jax import model as model_lib
 from llama_jax.errors import ConfigError
 
-CONFIG = model_lib.ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=97,
-                               multiple_of=16, max_seq_len=64, dtype='float32',
-                               attention='reference', remat='none')
+CONFIG = model_lib.ModelConfig(dim=64,
+                               n_layers=3,
+                               n_heads=4,
+                               n_kv_heads=2,
+                               vocab_size=97,
+                               multiple_of=16,
+                               max_seq_len=64,
+                               dtype='float32',
+                               attention='reference',
+                               remat='none')
 
 
 def make_model(config=CONFIG, seed=0):
@@ -63,7 +70,7 @@ def test_rotary_matches_complex_rotation():
   x = np.random.default_rng(0).normal(size=(1, 3, 2, 8)).astype(np.float32)
   positions = np.array([[0, 5, 11]])
   out = np.asarray(model_lib.apply_rotary(jnp.asarray(x), jnp.asarray(positions), 500.0))
-  freq = 500.0 ** (-np.arange(4) / 4)
+  freq = 500.0**(-np.arange(4) / 4)
   pairs = (x[..., :4] + 1j * x[..., 4:]) * np.exp(1j * positions[..., None, None] * freq)
   np.testing.assert_allclose(out, np.concatenate([pairs.real, pairs.imag], -1), atol=1e-5)
 
@@ -107,13 +114,16 @@ def loss_fn(model, tokens):
   return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scan_layers', [True, False])
 def test_every_remat_policy_gives_the_same_gradients(scan_layers):
   tokens = random_tokens((2, 12))
   grads = {}
   for remat in model_lib.REMAT_POLICIES:
-    config = model_lib.ModelConfig(**{**CONFIG.__dict__, 'remat': remat,
-                                      'scan_layers': scan_layers})
+    config = model_lib.ModelConfig(**{
+        **CONFIG.__dict__, 'remat': remat,
+        'scan_layers': scan_layers
+    })
     grads[remat] = nnx.grad(loss_fn)(make_model(config), tokens)
   for remat, grad in grads.items():
     for got, want in zip(jax.tree.leaves(grad), jax.tree.leaves(grads['none'])):

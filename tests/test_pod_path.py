@@ -22,8 +22,11 @@ MESHES = {'fsdp': {}, 'fsdp_sequence_tensor': dict(sequence=2, tensor=2)}
 def llama_shaped(chips, rows_per_fsdp_shard, *, dim=256, seq_len=1024, n_layers=2, **mesh):
   """A small LLaMA (the real 32000-token vocabulary) with a batch that grows with `chips`."""
   config = importlib.import_module('configs.default').get_config()
-  config.model.update(dim=dim, n_layers=n_layers, n_heads=max(4, dim // 128),
-                      vocab_size=32000, max_seq_len=seq_len)
+  config.model.update(dim=dim,
+                      n_layers=n_layers,
+                      n_heads=max(4, dim // 128),
+                      vocab_size=32000,
+                      max_seq_len=seq_len)
   fsdp = chips // (mesh.get('sequence', 1) * mesh.get('tensor', 1))
   config.train.update(batch_size=rows_per_fsdp_shard * fsdp, seq_len=seq_len)
   config.mesh.update(mesh)
@@ -46,6 +49,7 @@ def compile_for(topology, **kwargs):
   return compiled
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh', MESHES)
 def test_weak_scaling_keeps_the_memory_per_chip(mesh):
   """4x the chips and 4x the global batch: each chip's temporaries stay within 15%.
@@ -70,6 +74,7 @@ def test_weak_scaling_keeps_the_memory_per_chip(mesh):
   assert big_gathered < 1.1 * small_gathered, (small_gathered / MIB, big_gathered / MIB)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh', MESHES)
 def test_no_array_on_a_chip_holds_a_global_activation(mesh):
   """On 64 chips no array in one chip's program reaches half of the global [batch, length,
@@ -81,8 +86,12 @@ def test_no_array_on_a_chip_holds_a_global_activation(mesh):
   """
   batch, seq_len, dim = 128, 2048, 1024
   rows = 2 if mesh == 'fsdp' else 8  # fsdp 64 or 16
-  compiled = compile_for('v5p-128', rows_per_fsdp_shard=rows, dim=dim, seq_len=seq_len,
-                         n_layers=1, **MESHES[mesh])
+  compiled = compile_for('v5p-128',
+                         rows_per_fsdp_shard=rows,
+                         dim=dim,
+                         seq_len=seq_len,
+                         n_layers=1,
+                         **MESHES[mesh])
   global_activation = batch * seq_len * dim * 2
   largest = hlo.largest_arrays(compiled.as_text(), 3)
   assert largest[0][0] < global_activation / 2, largest

@@ -11,35 +11,42 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax import evaluate, trainer
+from configs import default
+from llama_jax import evaluation, train_loop
+from llama_jax import experiment as experiment_lib
+from llama_jax.data import pipeline
 from llama_jax.errors import UserError
-from test_data import write_corpus
-from test_train import REPO, final_params, losses, small_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # subprocesses and whole runs
 
 
 @pytest.fixture(scope='module')
-def dirs(tmp_path_factory):
-  text_dir = str(tmp_path_factory.mktemp('corpus'))
-  write_corpus(text_dir, n_files=80)
-  return text_dir, str(tmp_path_factory.mktemp('tfds'))
+def dirs(corpus_dirs):
+  return corpus_dirs
 
 
 def command(dirs, workdir, steps=16, every=2):
   text_dir, data_dir = dirs
-  overrides = dict(zip(['model.dim', 'model.n_layers', 'model.n_heads', 'model.vocab_size',
-                        'model.max_seq_len', 'model.dtype', 'train.steps', 'train.batch_size',
-                        'train.seq_len', 'train.eval_every', 'optim.warmup_steps',
-                        'optim.decay_steps', 'data.text_dir', 'data.data_dir',
-                        'checkpoint.every_steps', 'checkpoint.keep', 'logging.every_steps'],
-                       [64, 2, 4, 400, 64, 'float32', steps, 8, 32, 0, 5, 20, text_dir,
-                        data_dir, every, 3, 1]))
-  return [sys.executable, 'train.py', f'--workdir={workdir}',
-          *[f'--config.{k}={v}' for k, v in overrides.items()]]
+  overrides = dict(
+      zip([
+          'model.dim', 'model.n_layers', 'model.n_heads', 'model.vocab_size', 'model.max_seq_len',
+          'model.dtype', 'train.steps', 'train.batch_size', 'train.seq_len', 'train.eval_every',
+          'optim.warmup_steps', 'optim.decay_steps', 'data.text_dir', 'data.data_dir',
+          'checkpoint.every_steps', 'checkpoint.keep', 'logging.every_steps'
+      ], [64, 2, 4, 400, 64, 'float32', steps, 8, 32, 0, 5, 20, text_dir, data_dir, every, 3, 1]))
+  return [
+      sys.executable, 'train.py', f'--workdir={workdir}',
+      *[f'--config.{k}={v}' for k, v in overrides.items()]
+  ]
 
 
 def start(dirs, workdir, **kw):
-  return subprocess.Popen(command(dirs, workdir, **kw), cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(command(dirs, workdir, **kw),
+                          cwd=REPO,
+                          stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT,
+                          text=True)
 
 
 def logged_steps(workdir):
@@ -62,7 +69,7 @@ def uninterrupted(dirs, tmp_path_factory):
   return workdir
 
 
-def test_kill_9_at_random_moments_loses_nothing(dirs, uninterrupted, tmp_path):
+def test_kill_9_at_random_moments_loses_nothing(dirs, uninterrupted, tmp_path, final_params):
   workdir, rng = str(tmp_path / 'killed'), np.random.default_rng(0)
   checkpoints = os.path.join(workdir, 'checkpoints')
   for attempt in range(3):
@@ -71,8 +78,8 @@ def test_kill_9_at_random_moments_loses_nothing(dirs, uninterrupted, tmp_path):
       wait_for(lambda: os.path.isdir(checkpoints) and any(
           'orbax-checkpoint-tmp' in name for name in os.listdir(checkpoints)))
     else:  # a few steps after start-up, wherever the run is then
-      first = logged_steps(workdir)
-      wait_for(lambda: logged_steps(workdir) >= first + int(rng.integers(1, 5)))
+      target = logged_steps(workdir) + int(rng.integers(1, 5))  # drawn once, then waited for
+      wait_for(lambda: logged_steps(workdir) >= target)
     process.kill()
     process.wait()
   finished = subprocess.run(command(dirs, workdir), cwd=REPO, capture_output=True, text=True)
@@ -82,7 +89,7 @@ def test_kill_9_at_random_moments_loses_nothing(dirs, uninterrupted, tmp_path):
   assert sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit()) == [12, 14, 16]
 
 
-def test_sigterm_saves_exits_0_and_resumes_the_same_curve(dirs, uninterrupted, tmp_path):
+def test_sigterm_saves_exits_0_and_resumes_the_same_curve(dirs, uninterrupted, tmp_path, losses):
   workdir = str(tmp_path / 'preempted')
   process = start(dirs, workdir)
   wait_for(lambda: logged_steps(workdir) >= 5)
@@ -99,11 +106,15 @@ def test_sigterm_saves_exits_0_and_resumes_the_same_curve(dirs, uninterrupted, t
   assert max(losses(workdir)) == 16
 
 
-def test_truncated_checkpoint_falls_back_to_the_previous_one(dirs, tmp_path, capsys):
-  config = small_config(*dirs, **{'train.steps': 4, 'checkpoint.every_steps': 2,
-                                  'train.eval_every': 0})
+def test_truncated_checkpoint_falls_back_to_the_previous_one(dirs, tmp_path, capsys, small_config,
+                                                             losses):
+  config = small_config(*dirs, **{
+      'train.steps': 4,
+      'checkpoint.every_steps': 2,
+      'train.eval_every': 0
+  })
   workdir = str(tmp_path / 'run')
-  trainer.train(config, workdir)
+  train_loop.train(config, workdir)
   params_dir = os.path.join(workdir, 'checkpoints', '4', 'params')
   files = [os.path.join(root, f) for root, _, names in os.walk(params_dir) for f in names]
   biggest = max(files, key=os.path.getsize)
@@ -111,15 +122,14 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(dirs, tmp_path, cap
     f.truncate(os.path.getsize(biggest) // 2)
 
   checkpoints = os.path.join(workdir, 'checkpoints')
-  eval_config, _ = evaluate.load_config(checkpoints, 4, {})
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1),
-                           ('data', 'fsdp', 'sequence', 'tensor'))
+  eval_config, _ = evaluation.load_config(checkpoints, 4, {}, default.get_config())
+  experiment = experiment_lib.build(eval_config, jax.devices()[:1])
   with pytest.raises(UserError, match='checkpoints/4 cannot be read'):
-    evaluate.restore_model(checkpoints, 4, eval_config, mesh)
+    evaluation.restore_params(checkpoints, 4, experiment.model_config, experiment.shardings.params)
 
   capsys.readouterr()
   config.train.steps = 6
-  trainer.train(config, workdir)
+  train_loop.train(config, workdir)
   output = capsys.readouterr().out
   assert 'checkpoints/4 cannot be read' in output and 'Resumed from step 2' in output
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4.unreadable'))  # kept, set aside
@@ -127,7 +137,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(dirs, tmp_path, cap
 
 
 def inject_nan(monkeypatch, bad_steps):
-  real = trainer.global_batches
+  real = pipeline.global_batches
 
   def with_nan(*args):
     for step, batch in enumerate(real(*args), 1):
@@ -135,42 +145,49 @@ def inject_nan(monkeypatch, bad_steps):
         batch = dict(batch, weights=batch['weights'] * np.nan)
       yield batch
 
-  monkeypatch.setattr(trainer, 'global_batches', with_nan)
+  monkeypatch.setattr(pipeline, 'global_batches', with_nan)
 
 
-def test_a_nan_batch_is_skipped(dirs, tmp_path, monkeypatch):
+def test_a_nan_batch_is_skipped(dirs, tmp_path, monkeypatch, small_config):
   inject_nan(monkeypatch, {3})
   workdir = str(tmp_path / 'nan')
-  last = trainer.train(small_config(*dirs, **{'train.steps': 6, 'train.eval_every': 0}), workdir)
+  last = train_loop.train(small_config(*dirs, **{'train.steps': 6, 'train.eval_every': 0}), workdir)
   assert last['skipped_steps'] == 1 and np.isfinite(last['loss'])
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert [r['skipped_steps'] for r in rows] == [0, 0, 1, 1, 1, 1]
 
 
-def test_nan_every_batch_stops_and_keeps_the_good_checkpoint(dirs, tmp_path, monkeypatch):
+def test_nan_every_batch_stops_and_keeps_the_good_checkpoint(dirs, tmp_path, monkeypatch,
+                                                             small_config, final_params):
   workdir = str(tmp_path / 'nan')
   config = small_config(*dirs, **{'train.steps': 2, 'train.eval_every': 0})
-  trainer.train(config, workdir)
+  train_loop.train(config, workdir)
   good = final_params(workdir, 2)
   inject_nan(monkeypatch, set(range(100)))
   config.train.update(dict(steps=10, max_bad_steps=3))
   config.checkpoint.every_steps = 1
   with pytest.raises(UserError, match='3 consecutive steps had a non-finite loss'):
-    trainer.train(config, workdir)
+    train_loop.train(config, workdir)
   for got, want in zip(final_params(workdir, 2), good):
     np.testing.assert_array_equal(got, want)
 
 
-def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(dirs, tmp_path):
+def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(dirs, tmp_path, small_config,
+                                                                  final_params):
+  if os.geteuid() != 0:
+    pytest.skip('mounting a small tmpfs needs root')
   workdir = tmp_path / 'small_disk'
   workdir.mkdir()
   # A 3 MB filesystem: room for the first checkpoint (about 1.9 MB), not for the second.
   subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', str(workdir)], check=True)
   try:
-    config = small_config(*dirs, **{'train.steps': 8, 'checkpoint.every_steps': 4,
-                                    'train.eval_every': 0})
+    config = small_config(*dirs, **{
+        'train.steps': 8,
+        'checkpoint.every_steps': 4,
+        'train.eval_every': 0
+    })
     with pytest.raises(UserError, match='checkpoint .*the earlier checkpoints are intact'):
-      trainer.train(config, str(workdir))
+      train_loop.train(config, str(workdir))
     assert len(final_params(str(workdir), 4)) == 12
   finally:
     subprocess.run(['umount', str(workdir)], check=True)

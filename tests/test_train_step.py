@@ -15,12 +15,19 @@ from configs import default
 from llama_jax import model as model_lib
 from llama_jax import optim
 from llama_jax import sharding as sharding_lib
-from llama_jax import train_lib
+from llama_jax import steps
 from llama_jax.errors import ConfigError
 
-MODEL = model_lib.ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128,
-                              multiple_of=16, max_seq_len=32, dtype='float32',
-                              attention='reference', remat='full')
+MODEL = model_lib.ModelConfig(dim=64,
+                              n_layers=2,
+                              n_heads=4,
+                              n_kv_heads=2,
+                              vocab_size=128,
+                              multiple_of=16,
+                              max_seq_len=32,
+                              dtype='float32',
+                              attention='reference',
+                              remat='full')
 RULES = default.get_config().mesh.rules
 
 
@@ -37,23 +44,34 @@ def make_batch(batch=8, length=16, seed=0):
   positions = np.zeros_like(segments)
   for row in range(batch):
     for t in range(1, length + 1):
-      positions[row, t] = 0 if segments[row, t] != segments[row, t - 1] else positions[row, t - 1] + 1
-  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': segments[:, :-1],
-          'positions': positions[:, :-1],
-          'weights': (segments[:, 1:] == segments[:, :-1]).astype(np.float32)}
+      positions[row, t] = 0 if segments[row, t] != segments[row,
+                                                            t - 1] else positions[row, t - 1] + 1
+  return {
+      'inputs': tokens[:, :-1],
+      'targets': tokens[:, 1:],
+      'segment_ids': segments[:, :-1],
+      'positions': positions[:, :-1],
+      'weights': (segments[:, 1:] == segments[:, :-1]).astype(np.float32)
+  }
 
 
 def run_step(mesh_sizes, batch, microbatches=1, devices=None, loss_chunks=1, model=MODEL):
   mesh_config = ml_collections.ConfigDict(dict(zip(sharding_lib.MESH_AXES, mesh_sizes)))
   mesh = sharding_lib.make_mesh(mesh_config, devices)
   optimizer = optim.make_optimizer(optim_config(), train_steps=10)
-  abstract = train_lib.abstract_state(model, optimizer)
+  abstract = steps.abstract_state(model, optimizer)
   shardings = sharding_lib.state_shardings(abstract, mesh, RULES)
-  state = train_lib.create_sharded_state(0, model, optimizer, shardings)
-  step = train_lib.jit_train_step(
-      mesh, RULES, shardings, graphdef=train_lib.graphdef_of(model), optimizer=optimizer,
-      learning_rate=optim.learning_rate_schedule(optim_config(), 10),
-      microbatches=microbatches, z_loss=1e-4, segment_mask=True, loss_chunks=loss_chunks)
+  state = steps.create_sharded_state(0, model, optimizer, shardings)
+  step = steps.jit_train_step(mesh,
+                              RULES,
+                              shardings,
+                              graphdef=steps.graphdef_of(model),
+                              optimizer=optimizer,
+                              learning_rate=optim.learning_rate_schedule(optim_config(), 10),
+                              microbatches=microbatches,
+                              z_loss=1e-4,
+                              segment_mask=True,
+                              loss_chunks=loss_chunks)
   batch = jax.device_put(batch, sharding_lib.batch_sharding(mesh, RULES))
   return step(state, batch)
 
@@ -63,6 +81,7 @@ def single_device_step():
   return run_step((1, 1, 1, 1), make_batch(), devices=jax.devices()[:1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh_sizes', [(8, 1, 1, 1), (2, 2, 1, 2), (1, 2, 2, 2), (1, 1, 8, 1),
                                         (1, 8, 1, 1)])
 def test_sharded_step_equals_single_device(mesh_sizes, single_device_step):
@@ -91,16 +110,18 @@ def test_chunked_loss_on_a_sharded_sequence_equals_single_device(single_device_s
     np.testing.assert_allclose(got, want, atol=2e-6)
 
 
-@pytest.mark.parametrize('attention,mesh_sizes', [
-    ('splash', (1, 8, 1, 1)), ('splash', (1, 2, 2, 2)), ('splash', (2, 1, 2, 2)),
-    ('triton', (1, 2, 2, 2))])
+@pytest.mark.parametrize('attention,mesh_sizes',
+                         [('splash', (1, 8, 1, 1)), ('splash', (1, 2, 2, 2)),
+                          ('splash', (2, 1, 2, 2)), ('triton', (1, 2, 2, 2))])
+@pytest.mark.slow
 def test_pallas_kernel_in_the_sharded_step_equals_reference(attention, mesh_sizes):
   """A Pallas kernel (interpreted on the CPU) under shard_map on fsdp, tensor and
   sequence meshes: the same loss, gradient norm and updated parameters as `reference`."""
   model = dataclasses.replace(MODEL, max_seq_len=128)
   batch = make_batch(length=128)
   want_state, want_metrics = run_step(mesh_sizes, batch, model=model)
-  state, metrics = run_step(mesh_sizes, batch,
+  state, metrics = run_step(mesh_sizes,
+                            batch,
                             model=dataclasses.replace(model, attention=attention))
   np.testing.assert_allclose(metrics['loss'], want_metrics['loss'], rtol=1e-5)
   np.testing.assert_allclose(metrics['grad_norm'], want_metrics['grad_norm'], rtol=1e-4)
@@ -110,8 +131,7 @@ def test_pallas_kernel_in_the_sharded_step_equals_reference(attention, mesh_size
 
 def test_gradient_accumulation_equals_full_batch(single_device_step):
   want_state, want_metrics = single_device_step
-  state, metrics = run_step((1, 1, 1, 1), make_batch(), microbatches=4,
-                            devices=jax.devices()[:1])
+  state, metrics = run_step((1, 1, 1, 1), make_batch(), microbatches=4, devices=jax.devices()[:1])
   np.testing.assert_allclose(metrics['loss'], want_metrics['loss'], rtol=1e-5)
   for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(want_state.params)):
     np.testing.assert_allclose(got, want, atol=2e-6)
@@ -121,7 +141,7 @@ def test_loss_matches_naive_cross_entropy():
   batch = make_batch()
   model = model_lib.Transformer(MODEL, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
-  loss, weight, _ = train_lib.token_losses(params, graphdef, batch, 0.0, True, loss_chunks=1)
+  loss, weight, _ = steps.token_losses(params, graphdef, batch, 0.0, True, loss_chunks=1)
   logits, _ = model(batch['inputs'], batch['positions'], batch['segment_ids'])
   logits = np.asarray(logits, np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
@@ -143,7 +163,9 @@ def test_schedule_matches_formula():
 
 
 def test_weight_decay_spares_norm_scales():
-  config = optim_config(learning_rate=1e-3, warmup_steps=0, weight_decay=0.5,
+  config = optim_config(learning_rate=1e-3,
+                        warmup_steps=0,
+                        weight_decay=0.5,
                         decay_embeddings=False)
   optimizer = optim.make_optimizer(config, train_steps=10)
   params = nnx.state(model_lib.Transformer(MODEL, rngs=nnx.Rngs(0)), nnx.Param)
@@ -164,8 +186,7 @@ def test_non_finite_step_is_skipped():
   batch['weights'] = batch['weights'] * np.nan
   state, metrics = run_step((1, 1, 1, 1), batch, devices=jax.devices()[:1])
   optimizer = optim.make_optimizer(optim_config(), 10)
-  fresh = jax.jit(lambda seed: train_lib.init_state(seed, model_config=MODEL,
-                                                    optimizer=optimizer))(0)
+  fresh = jax.jit(lambda seed: steps.init_state(seed, model_config=MODEL, optimizer=optimizer))(0)
   for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(fresh.params)):
     np.testing.assert_array_equal(got, want)
   assert int(metrics['skipped_steps']) == 1 and int(metrics['bad_steps']) == 1

@@ -17,8 +17,9 @@ import sysconfig
 import tensorflow_datasets as tfds
 
 EXTENSIONS = ('.py', '.txt', '.md', '.rst', '.jsonl')
-SKIPPED_FOLDERS = {'test', 'tests', 'idle_test', 'site-packages', 'dist-packages',
-                   '__pycache__', '.git'}
+SKIPPED_FOLDERS = {
+    'test', 'tests', 'idle_test', 'site-packages', 'dist-packages', '__pycache__', '.git'
+}
 VALIDATION_PERCENT = 2
 
 
@@ -31,8 +32,9 @@ def text_files(text_dir: str) -> list[str]:
   found = []
   for root, folders, files in os.walk(text_dir):
     folders[:] = sorted(f for f in folders if f not in SKIPPED_FOLDERS)
-    found += [os.path.relpath(os.path.join(root, f), text_dir)
-              for f in files if f.endswith(EXTENSIONS)]
+    found += [
+        os.path.relpath(os.path.join(root, f), text_dir) for f in files if f.endswith(EXTENSIONS)
+    ]
   return sorted(found)
 
 
@@ -50,12 +52,14 @@ def folder_config(text_dir: str = '') -> TextFolderConfig:
   """The builder config for a folder; its name (the cache key) is derived from the path."""
   if not text_dir:
     name = 'python{}{}_stdlib'.format(*sysconfig.get_python_version().split('.'))
-    return TextFolderConfig(name=name, text_dir=stdlib_dir(),
+    return TextFolderConfig(name=name,
+                            text_dir=stdlib_dir(),
                             description='The Python standard library source.')
   text_dir = os.path.abspath(os.path.expanduser(text_dir))
   slug = re.sub(r'[^a-z0-9]+', '_', os.path.basename(text_dir).lower()).strip('_') or 'folder'
   digest = hashlib.sha256(text_dir.encode()).hexdigest()[:8]
-  return TextFolderConfig(name=f'{slug}_{digest}', text_dir=text_dir,
+  return TextFolderConfig(name=f'{slug}_{digest}',
+                          text_dir=text_dir,
                           description=f'Text files under {text_dir}.')
 
 
@@ -72,8 +76,10 @@ class BuiltinText(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # everything is local
     files = text_files(self.builder_config.text_dir)
-    return {split: self._generate_examples([f for f in files if split_of(f) == split])
-            for split in ('train', 'validation')}
+    return {
+        split: self._generate_examples([f for f in files if split_of(f) == split])
+        for split in ('train', 'validation')
+    }
 
   def _generate_examples(self, relative_paths):
     for relative_path in relative_paths:

@@ -10,14 +10,14 @@ resuming needs only each row's small position (the grain iterator state).
 import grain
 import numpy as np
 
+from llama_jax import sharding as sharding_lib
 from llama_jax.data import tokenizer as tokenizer_lib
 
 
 def _row_stream(documents, tokenizer, row, batch_size, seq_len):
   """[seq_len + 1] token sequences of one batch row, with segment ids and positions."""
   tokenized = documents[row::batch_size].map(
-      lambda text: {'tokens': np.asarray(tokenizer_lib.encode_document(tokenizer, text),
-                                         np.int32)})
+      lambda text: {'tokens': np.asarray(tokenizer_lib.encode_document(tokenizer, text), np.int32)})
   # Rows read synchronously: one background thread prefetches whole batches instead.
   rows = tokenized.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   return grain.experimental.ConcatThenSplitIterDataset(rows, length_struct={'tokens': seq_len + 1})
@@ -38,8 +38,16 @@ def _to_batch(rows):
   }
 
 
-def batches(source, *, text_feature, tokenizer, batch_size, rows, seq_len, seed,
-            shuffle=True, prefetch=4) -> grain.IterDataset:
+def batches(source,
+            *,
+            text_feature,
+            tokenizer,
+            batch_size,
+            rows,
+            seq_len,
+            seed,
+            shuffle=True,
+            prefetch=4) -> grain.IterDataset:
   """Batches of rows `rows` (this host's share) of a `batch_size`-row global batch.
 
   source: random-access documents (a TFDS data source). Each batch is a dict of
@@ -54,9 +62,27 @@ def batches(source, *, text_feature, tokenizer, batch_size, rows, seq_len, seed,
   streams = [_row_stream(documents, tokenizer, row, batch_size, seq_len) for row in rows]
   dataset = grain.experimental.ZipIterDataset(streams).map(_to_batch)
   if prefetch:
-    dataset = grain.experimental.ThreadPrefetchIterDataset(dataset,
-                                                           prefetch_buffer_size=prefetch)
+    dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=prefetch)
   return dataset
+
+
+def host_batches(config, source, tokenizer, rows: range, shuffle: bool) -> grain.IterDataset:
+  """This process's rows of the global batches of `source`, as `config` sets them up."""
+  return batches(source,
+                 text_feature=config.data.text_feature,
+                 tokenizer=tokenizer,
+                 batch_size=config.train.batch_size,
+                 rows=rows,
+                 seq_len=config.train.seq_len,
+                 seed=config.train.seed,
+                 shuffle=shuffle,
+                 prefetch=config.data.prefetch)
+
+
+def global_batches(host_iterator, batch_sharding, batch_size: int, rows: range):
+  """Global jax.Array batches assembled from every process's rows."""
+  for host_batch in host_iterator:
+    yield sharding_lib.global_batch(host_batch, batch_sharding, batch_size, rows)
 
 
 def row_states(iterator) -> list:

@@ -2,9 +2,11 @@
 
 import os
 
+import jax
 import tensorflow_datasets as tfds
 from etils import epath
 
+from llama_jax import processes
 from llama_jax.data import builtin_text
 from llama_jax.errors import UserError
 
@@ -18,7 +20,8 @@ def dataset_builder(name: str, data_dir: str, text_dir: str = ''):
                       'of .txt/.jsonl/.py files, or leave it empty for the Python stdlib.')
     config = builtin_text.folder_config(text_dir)
     return builtin_text.BuiltinText(config=config if text_dir else config.name,
-                                    data_dir=data_dir, file_format='array_record')
+                                    data_dir=data_dir,
+                                    file_format='array_record')
   if not epath.Path(data_dir).exists():
     raise UserError(f'data.data_dir {data_dir!r} does not exist; set it to the folder (or '
                     f'bucket) where `tfds build {name.split(":")[0]} --data_dir=DIR '
@@ -59,3 +62,16 @@ def open_split(builder, split: str, text_feature: str):
                     'random access needs ArrayRecord: rebuild it with `tfds build '
                     f'{builder.name} --file_format=array_record`.')
   return builder.as_data_source(split, file_format='array_record')
+
+
+def open_sources(data_config):
+  """(builder, train source, eval source) of `data_config`; process 0 prepares the
+  dataset once while the others wait."""
+  if jax.process_index() == 0:
+    prepare(dataset_builder(data_config.name, data_config.data_dir, data_config.text_dir))
+  processes.sync('dataset prepared')
+  builder = dataset_builder(data_config.name, data_config.data_dir, data_config.text_dir)
+  if not builder.is_prepared():  # a catalog dataset that no one has built: say how to
+    prepare(builder)
+  return (builder, open_split(builder, data_config.train_split, data_config.text_feature),
+          open_split(builder, data_config.eval_split, data_config.text_feature))

@@ -3,18 +3,31 @@
 import io
 import os
 
+import jax
 import sentencepiece as spm
 from etils import epath
 
+from llama_jax import processes
 from llama_jax.errors import UserError
 
 # The LLaMA settings: BPE, digits split, unknown bytes as byte tokens, no normalization.
-TRAINER_OPTIONS = dict(
-    model_type='bpe', split_digits=True, byte_fallback=True, normalization_rule_name='identity',
-    remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, add_dummy_prefix=True,
-    unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=0.9999,
-    max_sentence_length=16384, input_sentence_size=300_000, shuffle_input_sentence=True,
-    num_threads=os.cpu_count() or 1, minloglevel=2)
+TRAINER_OPTIONS = dict(model_type='bpe',
+                       split_digits=True,
+                       byte_fallback=True,
+                       normalization_rule_name='identity',
+                       remove_extra_whitespaces=False,
+                       allow_whitespace_only_pieces=True,
+                       add_dummy_prefix=True,
+                       unk_id=0,
+                       bos_id=1,
+                       eos_id=2,
+                       pad_id=-1,
+                       character_coverage=0.9999,
+                       max_sentence_length=16384,
+                       input_sentence_size=300_000,
+                       shuffle_input_sentence=True,
+                       num_threads=os.cpu_count() or 1,
+                       minloglevel=2)
 
 
 def load(path: str) -> spm.SentencePieceProcessor:
@@ -26,20 +39,22 @@ def load(path: str) -> spm.SentencePieceProcessor:
   try:
     return spm.SentencePieceProcessor(model_proto=path.read_bytes())
   except RuntimeError:
-    raise UserError(f'tokenizer file {path} is not a sentencepiece model (data.tokenizer).') from None
+    raise UserError(
+        f'tokenizer file {path} is not a sentencepiece model (data.tokenizer).') from None
 
 
 def train(documents, vocab_size: int, path: str) -> spm.SentencePieceProcessor:
   """Trains a tokenizer on an iterable of documents (one sentence per line) into `path`."""
-
   def lines():
     for document in documents:
       yield from (line for line in document.split('\n') if line.strip())
 
   model = io.BytesIO()
   try:
-    spm.SentencePieceTrainer.train(sentence_iterator=lines(), model_writer=model,
-                                   vocab_size=vocab_size, **TRAINER_OPTIONS)
+    spm.SentencePieceTrainer.train(sentence_iterator=lines(),
+                                   model_writer=model,
+                                   vocab_size=vocab_size,
+                                   **TRAINER_OPTIONS)
   except RuntimeError as error:
     raise UserError(f'could not train a {vocab_size}-token tokenizer ({error}); '
                     'try a smaller model.vocab_size.') from None
@@ -61,3 +76,31 @@ def check_vocab(tokenizer: spm.SentencePieceProcessor, vocab_size: int, where: s
 def encode_document(tokenizer: spm.SentencePieceProcessor, text: str) -> list[int]:
   """BOS, the text's tokens, EOS."""
   return [tokenizer.bos_id()] + tokenizer.encode(text) + [tokenizer.eos_id()]
+
+
+def trained_path(data_config, builder, vocab_size: int) -> str:
+  """Where the tokenizer trained for this dataset and vocabulary size is cached."""
+  name = builder.name + (f'_{builder.builder_config.name}' if builder.builder_config else '')
+  return os.path.join(os.path.expanduser(data_config.data_dir), 'tokenizers',
+                      f'{name.replace("/", "_")}_{vocab_size}.model')
+
+
+def for_data(data_config, vocab_size: int, builder=None, train_source=None):
+  """data.tokenizer, else the one trained for `builder`'s dataset: trained now from
+  `train_source` on process 0 if it does not exist yet, an error if no source is given
+  (evaluation never trains one)."""
+  path = data_config.tokenizer or trained_path(data_config, builder, vocab_size)
+  if not data_config.tokenizer and not epath.Path(path).exists():
+    if train_source is None:
+      raise UserError(f'no tokenizer: data.tokenizer is empty and none was trained for '
+                      f'{builder.name} at {path}; pass --config.data.tokenizer=PATH to the '
+                      'tokenizer.model the model was trained with (converted weights ship one).')
+    if jax.process_index() == 0:
+      processes.say(f'Training a {vocab_size}-token tokenizer on {builder.name} into {path}')
+      feature = data_config.text_feature
+      train((train_source[i][feature].decode('utf-8', errors='replace')
+             for i in range(len(train_source))), vocab_size, path)
+    processes.sync('tokenizer trained')
+  tokenizer = load(path)
+  check_vocab(tokenizer, vocab_size, path)
+  return tokenizer

@@ -1,4 +1,4 @@
-"""Input-pipeline throughput: `python -m llama_jax.data.bench [--seq_len=2048] [--batch_size=16]`.
+"""Input-pipeline throughput: `python -m benchmarks.data_pipeline [--seq_len=2048]`.
 
 Prints the tokens per second that the packed, shuffled pipeline delivers on this host
 for the built-in corpus (the Python standard library) with the tiny config's tokenizer.
@@ -9,8 +9,8 @@ import time
 from absl import app, flags, logging
 
 from configs import tiny
-from llama_jax import trainer
-from llama_jax.data import pipeline
+from llama_jax.data import pipeline, sources
+from llama_jax.data import tokenizer as tokenizer_lib
 
 flags.DEFINE_integer('seq_len', 2048, 'Tokens per sequence.')
 flags.DEFINE_integer('batch_size', 16, 'Sequences per batch.')
@@ -24,10 +24,16 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   config = tiny.get_config()
   config.data.data_dir = FLAGS.data_dir
-  train_source, _, tokenizer = trainer.prepare_data(config.data, config.model.vocab_size)
-  dataset = pipeline.batches(train_source, text_feature='text', tokenizer=tokenizer,
-                             batch_size=FLAGS.batch_size, rows=range(FLAGS.batch_size),
-                             seq_len=FLAGS.seq_len, seed=0, prefetch=config.data.prefetch)
+  builder, train_source, _ = sources.open_sources(config.data)
+  tokenizer = tokenizer_lib.for_data(config.data, config.model.vocab_size, builder, train_source)
+  dataset = pipeline.batches(train_source,
+                             text_feature='text',
+                             tokenizer=tokenizer,
+                             batch_size=FLAGS.batch_size,
+                             rows=range(FLAGS.batch_size),
+                             seq_len=FLAGS.seq_len,
+                             seed=0,
+                             prefetch=config.data.prefetch)
   iterator = iter(dataset)
   for _ in range(5):
     next(iterator)

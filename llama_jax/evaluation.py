@@ -1,7 +1,9 @@
-"""Evaluation of a checkpoint: restore parameters onto any mesh, perplexity, multiple choice."""
+"""The evaluation library: restore parameters onto any mesh, perplexity, multiple choice.
+
+train.py's periodic validation and eval.py share `perplexity` and the jitted eval step.
+"""
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -12,22 +14,22 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from configs import default
 from llama_jax import checkpoint as checkpoint_lib
 from llama_jax import model as model_lib
-from llama_jax import sharding as sharding_lib
-from llama_jax import train_lib
+from llama_jax import steps
 from llama_jax.errors import UserError
 
 
-def load_config(directory: str, step: int | None, overrides: dict):
+def load_config(directory: str, step: int | None, overrides: dict, defaults):
   """(config, step): the config saved with checkpoint `step` (default: the newest) in
-  `directory`, with command-line overrides."""
+  `directory`, with command-line overrides. Converted weights carry only the model: the
+  other groups come from `defaults` (configs/default.py)."""
   step = checkpoint_lib.find_step(directory, step)
   saved = checkpoint_lib.saved_config(directory, step)
-  if 'mesh' not in saved:  # converted weights carry only the model: the rest is default
-    base = default.get_config()
+  if 'mesh' not in saved:
+    base = ml_collections.ConfigDict(defaults.to_dict())
     base.model.update(saved['model'])
+    base.train.seq_len = min(base.train.seq_len, base.model.max_seq_len)
     saved = base.to_dict()
   config = ml_collections.ConfigDict(saved)
   for key, value in overrides.items():
@@ -36,20 +38,22 @@ def load_config(directory: str, step: int | None, overrides: dict):
   return config, step
 
 
-def restore_model(directory: str, step: int, config, mesh, bfloat16: bool = False):
-  """The model with the checkpoint's parameters, sharded on `mesh` by the config's rules."""
-  model_config = model_lib.ModelConfig.from_config(config.model)
+def restore_params(directory: str, step: int, model_config, shardings, bfloat16: bool = False):
+  """The checkpoint's parameters, placed by `shardings` (the params of a state's)."""
   abstract = nnx.state(model_lib.abstract_model(model_config), nnx.Param)
   if bfloat16:  # Orbax casts while reading: half the memory, never float32 in between
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), abstract)
-  rules = tuple(tuple(rule) for rule in config.mesh.rules)
-  shardings = sharding_lib.state_shardings(abstract, mesh, rules)
   try:
-    params = checkpoint_lib.restore_params(directory, step, abstract, shardings)
+    return checkpoint_lib.restore_params(directory, step, abstract, shardings)
   except Exception as error:  # Orbax and TensorStore raise many kinds for a damaged file
     raise UserError(f'checkpoint {directory}/{step} cannot be read ({type(error).__name__}: '
                     f'{str(error)[:200]}); it may be incomplete or damaged.') from None
-  return nnx.merge(train_lib.graphdef_of(model_config), params)
+
+
+def model_of(params, config):
+  """The Transformer holding `params`, with `auto` attention resolved call by call."""
+  model_config = model_lib.ModelConfig.from_config(config.model)
+  return nnx.merge(steps.graphdef_of(model_config), params)
 
 
 def byte_lengths(tokenizer) -> np.ndarray:
@@ -63,25 +67,22 @@ def byte_lengths(tokenizer) -> np.ndarray:
   return lengths
 
 
-@functools.partial(nnx.jit, static_argnums=3)
-def _nll_sums(model, batch, token_bytes, loss_chunks):
-  _, weight, nll = train_lib.token_losses(nnx.state(model, nnx.Param),
-                                          nnx.graphdef(model), batch, 0.0, True, loss_chunks)
-  return nll, weight, jnp.sum(token_bytes[batch['targets']] * batch['weights'])
+def perplexity(eval_step, params, batches, n_batches: int, token_bytes) -> dict:
+  """Loss (nats per token), perplexity and bits per byte over n_batches global batches.
 
-
-def perplexity(model, batches, n_batches: int, tokenizer, loss_chunks: int) -> dict:
-  """Loss (nats per token), perplexity and bits per byte over n_batches global batches."""
-  token_bytes = jnp.asarray(byte_lengths(tokenizer))
+  eval_step: an Experiment's jitted eval step; token_bytes: byte_lengths(tokenizer).
+  """
   nll, weight, n_bytes = 0.0, 0.0, 0.0
   for _ in range(n_batches):
-    batch_nll, batch_weight, batch_bytes = _nll_sums(model, next(batches), token_bytes,
-                                                     loss_chunks)
-    nll, weight, n_bytes = nll + float(batch_nll), weight + float(batch_weight), n_bytes + float(
-        batch_bytes)
+    sums = jax.device_get(eval_step(params, next(batches), token_bytes))
+    nll, weight, n_bytes = nll + float(sums[0]), weight + float(sums[1]), n_bytes + float(sums[2])
   loss = nll / weight
-  return {'loss': loss, 'perplexity': math.exp(loss), 'bits_per_byte': nll / math.log(2) / n_bytes,
-          'tokens': int(weight)}
+  return {
+      'loss': loss,
+      'perplexity': math.exp(loss),
+      'bits_per_byte': nll / math.log(2) / n_bytes,
+      'tokens': int(weight)
+  }
 
 
 @nnx.jit
@@ -132,13 +133,18 @@ def multiple_choice(model, tokenizer, examples: list[dict], batch_size: int = 16
       tokens[row, :len(choice.tokens)] = choice.tokens
       weights[row, choice.continuation_start:len(choice.tokens)] = 1.0
     scores += np.asarray(_continuation_logprobs(model, tokens, weights))[:len(chunk)].tolist()
+  by_example = [[] for _ in examples]
+  for score, choice in zip(scores, choices):
+    by_example[choice.example].append((score, choice))
   correct = correct_norm = 0
-  for index, example in enumerate(examples):
-    mine = [(s, c) for s, c in zip(scores, choices) if c.example == index]
+  for example, mine in zip(examples, by_example):
     correct += int(np.argmax([s for s, _ in mine]) == example['label'])
     correct_norm += int(np.argmax([s / c.characters for s, c in mine]) == example['label'])
-  return {'accuracy': correct / len(examples), 'accuracy_norm': correct_norm / len(examples),
-          'examples': len(examples)}
+  return {
+      'accuracy': correct / len(examples),
+      'accuracy_norm': correct_norm / len(examples),
+      'examples': len(examples)
+  }
 
 
 def read_task(path: str) -> list[dict]:
@@ -151,8 +157,8 @@ def read_task(path: str) -> list[dict]:
       if not line.strip():
         continue
       example = json.loads(line)
-      if not {'context', 'choices', 'label'} <= set(example) or not (
-          0 <= example['label'] < len(example['choices'])):
+      if not {'context', 'choices', 'label'
+             } <= set(example) or not (0 <= example['label'] < len(example['choices'])):
         raise UserError(f'{path}:{number} needs "context", "choices" and a "label" that '
                         'indexes the choices.')
       examples.append(example)

@@ -1,4 +1,4 @@
-"""Train state, the jitted train and eval steps, and the state's shardings.
+"""The step functions: train state, the jitted train step and the jitted eval step.
 
 The train step is a pure function of (state, batch): forward in the compute dtype,
 next-token cross-entropy in float32 (weighted, so padding and document boundaries can
@@ -38,8 +38,8 @@ def init_state(seed, *, model_config, optimizer) -> TrainState:
 
 def abstract_state(model_config, optimizer) -> TrainState:
   """The state's shapes and logical axes, with no memory used."""
-  return jax.eval_shape(functools.partial(init_state, model_config=model_config,
-                                          optimizer=optimizer), 0)
+  return jax.eval_shape(
+      functools.partial(init_state, model_config=model_config, optimizer=optimizer), 0)
 
 
 def create_sharded_state(seed, model_config, optimizer, shardings) -> TrainState:
@@ -63,13 +63,13 @@ def token_losses(params, graphdef, batch, z_loss: float, segment_mask: bool, los
     x, _ = model.features(batch['inputs'], batch['positions'], batch['segment_ids'])
   else:
     x, _ = model.features(batch['inputs'])
-  loss, nll = cross_entropy.cross_entropy(x, model.output[...], batch['targets'],
-                                          batch['weights'], z_loss, loss_chunks)
+  loss, nll = cross_entropy.cross_entropy(x, model.output[...], batch['targets'], batch['weights'],
+                                          z_loss, loss_chunks)
   return loss, jnp.sum(batch['weights']), nll
 
 
-def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: int,
-               z_loss: float, segment_mask: bool, loss_chunks: int, learning_rate):
+def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: int, z_loss: float,
+               segment_mask: bool, loss_chunks: int, learning_rate):
   """One optimizer step on `batch` (dict of [batch, length] arrays); returns state, metrics."""
 
   # Every loss is divided by the batch's total weight up front: the gradients come out
@@ -83,18 +83,18 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: i
   if microbatches == 1:
     (_, loss), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params, batch)
   else:
+
     def accumulate(carry, micro):
       grads, loss = carry
       (_, micro_loss), micro_grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params,
-                                                                                micro)
+                                                                                 micro)
       return (jax.tree.map(jnp.add, grads, micro_grads), loss + micro_loss), None
 
     # Microbatch i takes rows i, i + k, i + 2k, ...: every microbatch spans all devices.
-    split = lambda x: x.reshape(x.shape[0] // microbatches, microbatches,
-                                *x.shape[1:]).swapaxes(0, 1)
+    split = lambda x: x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(
+        0, 1)
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(())),
-                                    jax.tree.map(split, batch))
+    (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(())), jax.tree.map(split, batch))
   grad_norm = optax.tree.norm(grads)
 
   def update(_):
@@ -102,44 +102,64 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: i
     return optax.apply_updates(state.params, updates), opt_state
 
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state),
-                                   None)
-  new_state = TrainState(
-      step=state.step + 1, params=params, opt_state=opt_state,
-      bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
-      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
-  metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': learning_rate(state.step),
-             'skipped_steps': new_state.skipped_steps, 'bad_steps': new_state.bad_steps}
+  params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
+  new_state = TrainState(step=state.step + 1,
+                         params=params,
+                         opt_state=opt_state,
+                         bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+                         skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+  metrics = {
+      'loss': loss,
+      'grad_norm': grad_norm,
+      'lr': learning_rate(state.step),
+      'skipped_steps': new_state.skipped_steps,
+      'bad_steps': new_state.bad_steps
+  }
   return new_state, metrics
 
 
-def eval_step(params, batch, *, graphdef, segment_mask: bool, loss_chunks: int):
-  """Sum of NLL and of weights over the batch (to average over many batches)."""
+def eval_step(params, batch, token_bytes, *, graphdef, segment_mask: bool, loss_chunks: int):
+  """Sums over the batch of NLL, of weights and of the UTF-8 bytes the scored tokens stand
+  for (token_bytes: [vocab]), to average over many batches."""
   _, weight, nll = token_losses(params, graphdef, batch, 0.0, segment_mask, loss_chunks)
-  return nll, weight
+  return nll, weight, jnp.sum(token_bytes[batch['targets']] * batch['weights'])
 
 
 def jit_train_step(mesh, rules, state_shardings, *, graphdef, optimizer, learning_rate,
                    microbatches, z_loss, segment_mask, loss_chunks):
   """The train step, jitted with the state's shardings and its buffers donated."""
-
   def step(state, batch):
     with sharding_lib.activation_sharding(mesh, rules):
-      return train_step(state, batch, graphdef=graphdef, optimizer=optimizer,
-                        microbatches=microbatches, z_loss=z_loss, segment_mask=segment_mask,
-                        loss_chunks=loss_chunks, learning_rate=learning_rate)
+      return train_step(state,
+                        batch,
+                        graphdef=graphdef,
+                        optimizer=optimizer,
+                        microbatches=microbatches,
+                        z_loss=z_loss,
+                        segment_mask=segment_mask,
+                        loss_chunks=loss_chunks,
+                        learning_rate=learning_rate)
 
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+  return jax.jit(step,
+                 in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, replicated),
+                 donate_argnums=0)
 
 
 def jit_eval_step(mesh, rules, params_shardings, *, graphdef, segment_mask, loss_chunks):
-
-  def step(params, batch):
+  """The eval step, jitted with the parameters' and the batch's shardings."""
+  def step(params, batch, token_bytes):
     with sharding_lib.activation_sharding(mesh, rules):
-      return eval_step(params, batch, graphdef=graphdef, segment_mask=segment_mask,
+      return eval_step(params,
+                       batch,
+                       token_bytes,
+                       graphdef=graphdef,
+                       segment_mask=segment_mask,
                        loss_chunks=loss_chunks)
 
-  return jax.jit(step, in_shardings=(params_shardings, sharding_lib.batch_sharding(mesh, rules)))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step,
+                 in_shardings=(params_shardings, sharding_lib.batch_sharding(mesh,
+                                                                             rules), replicated))

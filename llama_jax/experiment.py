@@ -1,0 +1,111 @@
+"""A config built on a set of devices: checks, mesh, shardings and the jitted steps.
+
+`build(config, devices)` checks everything a user can get wrong before anything is
+compiled, then returns what train.py, eval.py, the AOT tool and the benchmarks all run:
+the model config (its `auto` attention resolved for the devices), the mesh, the state's
+shardings and the jitted train and eval steps. Nothing here touches data or disk.
+"""
+
+import dataclasses
+from typing import Callable
+
+import jax
+import optax
+
+from llama_jax import attention as attention_lib
+from llama_jax import model as model_lib
+from llama_jax import optim
+from llama_jax import sharding as sharding_lib
+from llama_jax import steps
+from llama_jax.errors import ConfigError
+
+
+def validate(config, mesh_sizes: dict, platform: str) -> model_lib.ModelConfig:
+  """Checks the keys that must agree with each other; returns the model config.
+
+  Its `auto` attention is resolved for `platform` (the devices the step compiles for).
+  """
+  model_config = model_lib.ModelConfig.from_config(config.model)
+  train = config.train
+  model_config = dataclasses.replace(model_config,
+                                     attention=attention_lib.resolve_implementation(
+                                         model_config.attention,
+                                         platform,
+                                         length=train.seq_len,
+                                         head_dim=model_config.head_dim,
+                                         dtype=model_config.compute_dtype,
+                                         segments=config.data.segment_mask))
+
+  def check(ok, message):
+    if not ok:
+      raise ConfigError(message)
+
+  check(train.steps > 0, f'train.steps must be positive, got {train.steps}.')
+  check(
+      train.seq_len <= model_config.max_seq_len,
+      f'train.seq_len ({train.seq_len}) exceeds model.max_seq_len '
+      f'({model_config.max_seq_len}); lower the first or raise the second.')
+  check(
+      train.microbatches > 0 and train.batch_size % train.microbatches == 0,
+      f'train.batch_size ({train.batch_size}) must be divisible by train.microbatches '
+      f'({train.microbatches}).')
+  data_parallel = mesh_sizes['data'] * mesh_sizes['fsdp']
+  micro_batch = train.batch_size // train.microbatches
+  check(
+      micro_batch % data_parallel == 0,
+      f'the batch per microbatch ({micro_batch} = train.batch_size / train.microbatches) '
+      f'must be divisible by mesh.data x mesh.fsdp ({data_parallel}).')
+  check(
+      train.loss_chunks > 0 and train.seq_len % train.loss_chunks == 0,
+      f'train.seq_len ({train.seq_len}) must be divisible by train.loss_chunks '
+      f'({train.loss_chunks}).')
+  check(
+      train.seq_len % mesh_sizes['sequence'] == 0,
+      f'train.seq_len ({train.seq_len}) must be divisible by mesh.sequence '
+      f'({mesh_sizes["sequence"]}).')
+  for key, heads in (('n_heads', model_config.n_heads), ('n_kv_heads', model_config.kv_heads)):
+    check(heads % mesh_sizes['tensor'] == 0,
+          f'model.{key} ({heads}) must be divisible by mesh.tensor ({mesh_sizes["tensor"]}).')
+  return model_config
+
+
+@dataclasses.dataclass
+class Experiment:
+  """What a config builds on a set of devices before any data or state exists."""
+  model_config: model_lib.ModelConfig
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  optimizer: optax.GradientTransformation
+  abstract_state: steps.TrainState  # shapes only
+  shardings: steps.TrainState  # the NamedSharding of every state leaf
+  batch_sharding: jax.sharding.NamedSharding
+  train_step: Callable  # jitted; (state, batch) -> (state, metrics)
+  eval_step: Callable  # jitted; (params, batch, token_bytes) -> (nll, weight, bytes) sums
+  n_params: int
+
+
+def build(config, devices) -> Experiment:
+  """Validates `config` for `devices` and builds the mesh, shardings and jitted steps."""
+  sizes = dict(zip(sharding_lib.MESH_AXES, sharding_lib.mesh_shape(config.mesh, len(devices))))
+  model_config = validate(config, sizes, devices[0].platform)
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  rules = tuple(tuple(rule) for rule in config.mesh.rules)
+  optimizer = optim.make_optimizer(config.optim, config.train.steps)
+  abstract = steps.abstract_state(model_config, optimizer)
+  shardings = sharding_lib.state_shardings(abstract, mesh, rules)
+  graphdef = steps.graphdef_of(model_config)
+  loss_options = dict(segment_mask=config.data.segment_mask, loss_chunks=config.train.loss_chunks)
+  train_step = steps.jit_train_step(mesh,
+                                    rules,
+                                    shardings,
+                                    graphdef=graphdef,
+                                    optimizer=optimizer,
+                                    learning_rate=optim.learning_rate_schedule(
+                                        config.optim, config.train.steps),
+                                    microbatches=config.train.microbatches,
+                                    z_loss=config.train.z_loss,
+                                    **loss_options)
+  eval_step = steps.jit_eval_step(mesh, rules, shardings.params, graphdef=graphdef, **loss_options)
+  return Experiment(model_config, mesh, rules, optimizer, abstract, shardings,
+                    sharding_lib.batch_sharding(mesh, rules), train_step, eval_step,
+                    model_lib.count_params(model_lib.abstract_model(model_config)))
