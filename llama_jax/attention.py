@@ -111,27 +111,30 @@ def attention(q,
   `block_size` overrides the blocks of blockwise and the Pallas kernels (tests use small ones).
   """
   platform, length, head_dim = sharding_lib.compute_platform(), q.shape[1], q.shape[-1]
-  block = block_size or (BLOCKWISE_BLOCK if implementation == 'blockwise' else KERNEL_BLOCK)
   implementation = resolve_implementation(implementation,
                                           platform,
                                           length=length,
                                           head_dim=head_dim,
                                           dtype=q.dtype,
                                           segments=q_segment_ids is not None,
-                                          block=block)
+                                          block=block_size or KERNEL_BLOCK)
   if implementation == 'reference':
     return reference_attention(q, k, v, q_segment_ids, kv_segment_ids)
   if q.shape[1] != k.shape[1]:
     raise ValueError(f'{implementation} attention needs self-attention (q_len == kv_len).')
   if implementation == 'blockwise':
-    return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, block)
+    return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, block_size or
+                               BLOCKWISE_BLOCK)
+  block = min(block_size or KERNEL_BLOCK, length)
+  if implementation == 'splash' and not block_size:  # the largest of its usual blocks
+    block = next(size for size in (512, 256, 128) if length % size == 0)
   kernel = {'splash': _splash_kernel, 'triton': _triton_kernel, 'cudnn': _cudnn_kernel}
   return _per_device(kernel[implementation],
                      q,
                      k,
                      v,
                      q_segment_ids,
-                     block=min(block, length),
+                     block=block,
                      interpret=platform == 'cpu')
 
 
