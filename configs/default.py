@@ -61,6 +61,7 @@ def get_config():
   train.eval_every = 1000  # steps between validation losses; 0 disables them
   train.eval_batches = 10  # validation batches per evaluation
   train.max_bad_steps = 10  # stop after this many consecutive non-finite losses
+  train.hang_timeout_s = 3600  # no step for this long: print stacks, exit 75 to be restarted
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 3e-4  # peak learning rate

@@ -26,9 +26,15 @@ def _absolute(directory: str) -> str:
 
 
 def make_manager(directory: str, checkpoint_config=None) -> ocp.CheckpointManager:
-  """A manager that saves by `checkpoint_config`, or (None) one that only reads."""
+  """A manager that saves by `checkpoint_config`, or (None) one that only reads.
+
+  A reading manager works for this process alone, with no barrier that the others must
+  reach: a process that cannot read a checkpoint leaves no one waiting.
+  """
   directory = _absolute(directory)
-  options = ocp.CheckpointManagerOptions(create=False)
+  me = jax.process_index()
+  alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  options = ocp.CheckpointManagerOptions(create=False, multiprocessing_options=alone)
   if checkpoint_config is not None:
     options = ocp.CheckpointManagerOptions(max_to_keep=checkpoint_config.keep,
                                            keep_period=checkpoint_config.keep_period or None,
@@ -94,16 +100,20 @@ def _target(abstract, shardings):
       abstract, shardings)
 
 
-def restore(manager, step: int, abstract_state, shardings):
-  """Restores checkpoint `step` onto `shardings` (any mesh); returns (state, row states)."""
-  restored = manager.restore(step,
-                             args=ocp.args.Composite(
-                                 params=ocp.args.StandardRestore(
-                                     _target(abstract_state.params, shardings.params)),
-                                 train_state=ocp.args.StandardRestore(
-                                     _target(_train_state_without_params(abstract_state),
-                                             _train_state_without_params(shardings))),
-                                 data=ocp.args.JsonRestore()))
+def restore(directory: str, step: int, abstract_state, shardings):
+  """Restores checkpoint `step` onto `shardings` (any mesh); returns (state, row states).
+
+  Each process reads its own shards by itself (see make_manager).
+  """
+  with make_manager(directory) as manager:
+    restored = manager.restore(step,
+                               args=ocp.args.Composite(
+                                   params=ocp.args.StandardRestore(
+                                       _target(abstract_state.params, shardings.params)),
+                                   train_state=ocp.args.StandardRestore(
+                                       _target(_train_state_without_params(abstract_state),
+                                               _train_state_without_params(shardings))),
+                                   data=ocp.args.JsonRestore()))
   state = abstract_state.replace(params=restored.params, **restored.train_state)
   return state, restored.data['rows']
 

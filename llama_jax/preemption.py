@@ -8,8 +8,8 @@ at logging steps (one all-gather of a scalar), so every process stops at the sam
 import signal
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
+
+from llama_jax import processes
 
 
 class StopRequest:
@@ -43,5 +43,4 @@ class StopRequest:
       return self.requested
     if not at_logging_step:
       return False
-    flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
-    return bool(np.max(flags))
+    return not processes.all_true(not self.requested)

@@ -3,6 +3,7 @@
 import os
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 
@@ -26,3 +27,10 @@ def sync(name: str) -> None:
   """Waits until every process gets here (nothing to wait for with one process)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def all_true(value: bool) -> bool:
+  """Whether `value` is true on every process (each process must call this)."""
+  if jax.process_count() == 1:
+    return value
+  return bool(np.min(multihost_utils.process_allgather(np.array([value], np.int32))))

@@ -8,6 +8,7 @@ workdir resumes exactly.
 """
 
 import dataclasses
+import json
 import os
 import time
 
@@ -19,15 +20,18 @@ from etils import epath
 from llama_jax import checkpoint as checkpoint_lib
 from llama_jax import evaluation
 from llama_jax import experiment as experiment_lib
+from llama_jax import goodput as goodput_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax import preemption
 from llama_jax import processes
 from llama_jax import sharding as sharding_lib
 from llama_jax import steps
+from llama_jax import watchdog as watchdog_lib
 from llama_jax.data import pipeline, sources
 from llama_jax.data import tokenizer as tokenizer_lib
 from llama_jax.errors import UserError
 
+RESTORE_ATTEMPTS = 3  # reads of a checkpoint before a process calls it unreadable
 # Model keys that fix the shapes of the parameters (a checkpoint must agree on them).
 SHAPE_KEYS = ('dim', 'n_layers', 'n_heads', 'n_kv_heads', 'vocab_size', 'multiple_of',
               'ffn_dim_multiplier')
@@ -65,20 +69,41 @@ def _report_partial_checkpoints(checkpoint_dir: str) -> None:
         processes.say(f'warning: ignoring the partially written checkpoint {path}')
 
 
-def _restore_newest_readable(manager, checkpoint_dir, abstract, shardings):
-  """(step, state, row states) of the newest checkpoint that reads back; others set aside."""
-  for step in sorted(manager.all_steps(), reverse=True):
+def _read(checkpoint_dir, step, abstract, shardings):
+  """((state, row states), None) or (None, the error) after RESTORE_ATTEMPTS tries: a
+  transient error (a bucket hiccup) is retried after 1, 2, 4... seconds."""
+  for attempt in range(RESTORE_ATTEMPTS):
     try:
-      return (step, *checkpoint_lib.restore(manager, step, abstract, shardings))
+      return checkpoint_lib.restore(checkpoint_dir, step, abstract, shardings), None
     except Exception as error:  # any failure to read: truncated, altered, missing files
-      aside = epath.Path(checkpoint_dir) / f'{step}.unreadable'
-      processes.say(
-          f'warning: checkpoint {checkpoint_dir}/{step} cannot be read ({type(error).__name__}'
-          f': {str(error)[:300]}); moved it to {aside} and trying the one before')
-      if jax.process_index() == 0:
-        (epath.Path(checkpoint_dir) / str(step)).rename(aside)
-      processes.sync(f'set aside checkpoint {step}')
-      manager.reload()
+      if attempt + 1 == RESTORE_ATTEMPTS:
+        return None, error
+      time.sleep(2**attempt)
+
+
+def _restore_newest_readable(manager, checkpoint_dir, abstract, shardings):
+  """(step, state, row states) of the newest checkpoint that every process can read.
+
+  Each process reads its own shards; then all agree. If any process could not read a
+  checkpoint, every process sets it aside (process 0 renames it to STEP.unreadable, never
+  deletes it) and they try the one before together, so all resume from the same step.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    restored, error = _read(checkpoint_dir, step, abstract, shardings)
+    if processes.all_true(error is None):
+      return (step, *restored)
+    aside = epath.Path(checkpoint_dir) / f'{step}.unreadable'
+    if error is not None:
+      print(
+          f'warning: process {jax.process_index()} cannot read checkpoint {checkpoint_dir}/'
+          f'{step} ({type(error).__name__}: {str(error)[:300]})',
+          flush=True)
+    processes.say(f'warning: checkpoint {checkpoint_dir}/{step} cannot be read by every '
+                  f'process; moved it to {aside} and trying the one before')
+    if jax.process_index() == 0:
+      (epath.Path(checkpoint_dir) / str(step)).rename(aside)
+    processes.sync(f'set aside checkpoint {step}')
+    manager.reload()
   raise UserError(f'no checkpoint in {checkpoint_dir} can be read (they were moved to '
                   '*.unreadable); move them elsewhere to start from scratch.')
 
@@ -179,16 +204,29 @@ def _metrics_row(metrics, steps_done: int, seconds: float, tokens_per_step: int,
   return row
 
 
+def _furthest_logged_step(workdir: str) -> int:
+  """The last step an earlier run of this workdir logged (0 if none): to count redone steps."""
+  path = epath.Path(workdir) / 'metrics.jsonl'
+  if jax.process_index() != 0 or not path.exists():
+    return 0
+  steps = [json.loads(line).get('step', 0) for line in path.read_text().splitlines() if line]
+  return max(steps, default=0)
+
+
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) training; returns the last logged metrics."""
-  devices = jax.devices()
-  experiment = experiment_lib.build(config, devices)
-  _check_workdir(workdir)
-  data = _open_data(config, experiment)
-  checkpoint_dir = checkpoint_lib.directory_of(workdir, config.checkpoint.directory)
-  _report_partial_checkpoints(checkpoint_dir)
-  manager = checkpoint_lib.make_manager(checkpoint_dir, config.checkpoint)
-  state, start = _restore_or_initialize(config, experiment, manager, checkpoint_dir, workdir, data)
+  goodput = goodput_lib.Goodput()
+  with goodput.timing('startup'):
+    devices = jax.devices()
+    experiment = experiment_lib.build(config, devices)
+    _check_workdir(workdir)
+    data = _open_data(config, experiment)
+    checkpoint_dir = checkpoint_lib.directory_of(workdir, config.checkpoint.directory)
+    _report_partial_checkpoints(checkpoint_dir)
+    manager = checkpoint_lib.make_manager(checkpoint_dir, config.checkpoint)
+    state, start = _restore_or_initialize(config, experiment, manager, checkpoint_dir, workdir,
+                                          data)
+    goodput.redone_steps = max(_furthest_logged_step(workdir) - start, 0)
   processes.say(str(config))
   processes.say(f'mesh: {dict(experiment.mesh.shape)} over {len(devices)} '
                 f'{devices[0].device_kind} devices, {jax.process_count()} process(es)')
@@ -196,14 +234,17 @@ def train(config, workdir: str) -> dict:
                 f'{experiment.model_config.attention}')
   writer = metrics_lib.MetricsWriter(workdir)
   try:
-    return _loop(config, experiment, state, start, data, manager, checkpoint_dir, workdir, writer)
+    last = _loop(config, experiment, state, start, data, manager, checkpoint_dir, workdir, writer,
+                 goodput)
+    processes.say(goodput.summary())
+    return last
   finally:
     manager.close()
     writer.close()
 
 
-def _loop(config, experiment, state, start, data: Data, manager, checkpoint_dir, workdir,
-          writer) -> dict:
+def _loop(config, experiment, state, start, data: Data, manager, checkpoint_dir, workdir, writer,
+          goodput) -> dict:
   """Steps from `start` to `train.steps`, logging, validating and saving on the way."""
   train_config, devices = config.train, jax.devices()
   batch_size, seq_len = train_config.batch_size, train_config.seq_len
@@ -213,9 +254,11 @@ def _loop(config, experiment, state, start, data: Data, manager, checkpoint_dir,
   flops_per_token = metrics_lib.flops_per_token(experiment.model_config, seq_len,
                                                 experiment.n_params)
   config_dict = config.to_dict()
-  batch = next(batches)
-  compile_start = time.perf_counter()
-  step_fn = experiment.train_step.lower(state, batch).compile()
+  with goodput.timing('data'):
+    batch = next(batches)
+  with goodput.timing('compile'):
+    compile_start = time.perf_counter()
+    step_fn = experiment.train_step.lower(state, batch).compile()
   processes.say(f'Compiled the train step in {time.perf_counter() - compile_start:.1f}s')
 
   last, timer = {}, metrics_lib.IntervalTimer()
@@ -225,16 +268,20 @@ def _loop(config, experiment, state, start, data: Data, manager, checkpoint_dir,
                   disable=jax.process_index() != 0,
                   dynamic_ncols=True)
   stop_request = preemption.StopRequest()
+  watchdog = watchdog_lib.HangWatchdog(train_config.hang_timeout_s, jax.process_index())
   try:
-    with stop_request:
+    with stop_request, watchdog:
       for step in range(start, train_config.steps):
         if step == profile_start:
           jax.profiler.start_trace(os.path.join(workdir, 'profile'))
         if step > start:
-          batch = next(batches)
+          with goodput.timing('data'):
+            batch = next(batches)
         state, metrics = step_fn(state, batch)
-        timer.step()
         done = step + 1
+        timer.step()
+        goodput.step_done()
+        watchdog.beat(done)
         if profile_start >= 0 and done == profile_start + config.logging.profile_steps:
           jax.block_until_ready(state)
           jax.profiler.stop_trace()
@@ -243,16 +290,8 @@ def _loop(config, experiment, state, start, data: Data, manager, checkpoint_dir,
         if logging_step:
           last = _metrics_row(metrics, *timer.lap(), batch_size * seq_len, flops_per_token,
                               len(devices), peak)
-          writer.write(done, last)
-          bar.set_postfix(loss=f'{last["loss"]:.3f}',
-                          lr=f'{last["lr"]:.2e}',
-                          gnorm=f'{last["grad_norm"]:.2f}',
-                          tok_s=f'{last["tokens_per_s"]:,.0f}',
-                          tflops=f'{last["tflops_per_device"]:.2f}',
-                          **({
-                              'mfu': f'{last["mfu"]:.1%}'
-                          } if 'mfu' in last else {}),
-                          skipped=last['skipped_steps'])
+          writer.write(done, {**last, **goodput.row()})
+          bar.set_postfix(_progress(last))
           if int(metrics['bad_steps']) >= train_config.max_bad_steps:
             raise UserError(f'{int(metrics["bad_steps"])} consecutive steps had a non-finite '
                             f'loss or gradient norm (up to step {done}); the last good '
@@ -260,7 +299,7 @@ def _loop(config, experiment, state, start, data: Data, manager, checkpoint_dir,
 
         if train_config.eval_every and (done % train_config.eval_every == 0 or
                                         done == train_config.steps):
-          with timer.paused():  # validation time is not training throughput
+          with timer.paused(), goodput.timing('evaluation'):  # not training throughput
             validation = _validation(config, experiment, state.params, data)
           last['eval_loss'] = validation['loss']
           writer.write(done, {
@@ -271,15 +310,30 @@ def _loop(config, experiment, state, start, data: Data, manager, checkpoint_dir,
 
         stopping = stop_request.should_stop(logging_step)
         if done % config.checkpoint.every_steps == 0 or done == train_config.steps or stopping:
-          _save(manager, checkpoint_dir, done, state, data.rows, data.train_iterator, config_dict)
+          with timer.paused(), goodput.timing('checkpoint'):
+            _save(manager, checkpoint_dir, done, state, data.rows, data.train_iterator, config_dict)
         bar.update(1)
         if stopping:
-          _wait_for_saves(manager, checkpoint_dir)
+          with goodput.timing('checkpoint'):
+            _wait_for_saves(manager, checkpoint_dir)
           bar.close()
           processes.say(f'Stopped at step {done} with a checkpoint in {checkpoint_dir}; run '
                         'the same command to resume.')
           break
-      _wait_for_saves(manager, checkpoint_dir)
+      with goodput.timing('checkpoint'):
+        _wait_for_saves(manager, checkpoint_dir)
   finally:
     bar.close()
   return last
+
+
+def _progress(row: dict) -> dict:
+  """The progress bar's fields from a logged row."""
+  fields = dict(loss=f'{row["loss"]:.3f}',
+                lr=f'{row["lr"]:.2e}',
+                gnorm=f'{row["grad_norm"]:.2f}',
+                tok_s=f'{row["tokens_per_s"]:,.0f}',
+                tflops=f'{row["tflops_per_device"]:.2f}')
+  if 'mfu' in row:
+    fields['mfu'] = f'{row["mfu"]:.1%}'
+  return {**fields, 'skipped': row['skipped_steps']}

@@ -9,6 +9,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import importlib  # noqa: E402  (jax reads XLA_FLAGS when it is first imported)
+import sys  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -94,3 +95,36 @@ def losses():
 def final_params():
   """final_params(workdir, step): the checkpoint's parameter arrays, in tree order."""
   return _final_params
+
+
+# The small_config model, as train.py flags (the tiny config's own keys stay).
+SMALL_MODEL_FLAGS = {
+    'model.dim': 64,
+    'model.n_layers': 2,
+    'model.n_heads': 4,
+    'model.vocab_size': 400,
+    'model.max_seq_len': 64,
+    'model.dtype': 'float32',
+    'train.batch_size': 8,
+    'train.seq_len': 32,
+    'optim.warmup_steps': 5,
+    'optim.decay_steps': 20,
+    'logging.every_steps': 1
+}
+
+
+def _train_command(text_dir, data_dir, workdir, **overrides):
+  return [sys.executable, 'train.py', f'--workdir={workdir}'] + [
+      f'--config.{key}={value}' for key, value in {
+          **SMALL_MODEL_FLAGS, 'data.text_dir': text_dir,
+          'data.data_dir': data_dir,
+          **overrides
+      }.items()
+  ]
+
+
+@pytest.fixture(scope='session')
+def train_command():
+  """train_command(text_dir, data_dir, workdir, **{'group.key': value}): `python train.py`
+  with small_config's model as flags (run it from the repository root)."""
+  return _train_command

@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -26,23 +25,23 @@ def dirs(corpus_dirs):
   return corpus_dirs
 
 
-def command(dirs, workdir, steps=16, every=2):
-  text_dir, data_dir = dirs
-  overrides = dict(
-      zip([
-          'model.dim', 'model.n_layers', 'model.n_heads', 'model.vocab_size', 'model.max_seq_len',
-          'model.dtype', 'train.steps', 'train.batch_size', 'train.seq_len', 'train.eval_every',
-          'optim.warmup_steps', 'optim.decay_steps', 'data.text_dir', 'data.data_dir',
-          'checkpoint.every_steps', 'checkpoint.keep', 'logging.every_steps'
-      ], [64, 2, 4, 400, 64, 'float32', steps, 8, 32, 0, 5, 20, text_dir, data_dir, every, 3, 1]))
-  return [
-      sys.executable, 'train.py', f'--workdir={workdir}',
-      *[f'--config.{k}={v}' for k, v in overrides.items()]
-  ]
+@pytest.fixture(scope='module')
+def command(dirs, train_command):
+  """The train.py command of a 16-step run with a checkpoint every 2 steps (keep 3)."""
+  def build(workdir, steps=16, every=2):
+    return train_command(
+        *dirs, workdir, **{
+            'train.steps': steps,
+            'train.eval_every': 0,
+            'checkpoint.every_steps': every,
+            'checkpoint.keep': 3
+        })
+
+  return build
 
 
-def start(dirs, workdir, **kw):
-  return subprocess.Popen(command(dirs, workdir, **kw),
+def start(command, workdir):
+  return subprocess.Popen(command(workdir),
                           cwd=REPO,
                           stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT,
@@ -62,18 +61,18 @@ def wait_for(condition, timeout=300):
 
 
 @pytest.fixture(scope='module')
-def uninterrupted(dirs, tmp_path_factory):
+def uninterrupted(command, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('straight'))
-  done = subprocess.run(command(dirs, workdir), cwd=REPO, capture_output=True, text=True)
+  done = subprocess.run(command(workdir), cwd=REPO, capture_output=True, text=True)
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
   return workdir
 
 
-def test_kill_9_at_random_moments_loses_nothing(dirs, uninterrupted, tmp_path, final_params):
+def test_kill_9_at_random_moments_loses_nothing(uninterrupted, tmp_path, final_params, command):
   workdir, rng = str(tmp_path / 'killed'), np.random.default_rng(0)
   checkpoints = os.path.join(workdir, 'checkpoints')
   for attempt in range(3):
-    process = start(dirs, workdir)
+    process = start(command, workdir)
     if attempt == 0:  # in the middle of writing a checkpoint
       wait_for(lambda: os.path.isdir(checkpoints) and any(
           'orbax-checkpoint-tmp' in name for name in os.listdir(checkpoints)))
@@ -82,16 +81,16 @@ def test_kill_9_at_random_moments_loses_nothing(dirs, uninterrupted, tmp_path, f
       wait_for(lambda: logged_steps(workdir) >= target)
     process.kill()
     process.wait()
-  finished = subprocess.run(command(dirs, workdir), cwd=REPO, capture_output=True, text=True)
+  finished = subprocess.run(command(workdir), cwd=REPO, capture_output=True, text=True)
   assert finished.returncode == 0, finished.stdout[-3000:]
   for got, want in zip(final_params(workdir, 16), final_params(uninterrupted, 16)):
     np.testing.assert_array_equal(got, want)  # bitwise: same CPU, same mesh
   assert sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit()) == [12, 14, 16]
 
 
-def test_sigterm_saves_exits_0_and_resumes_the_same_curve(dirs, uninterrupted, tmp_path, losses):
+def test_sigterm_saves_exits_0_and_resumes_the_same_curve(uninterrupted, tmp_path, losses, command):
   workdir = str(tmp_path / 'preempted')
-  process = start(dirs, workdir)
+  process = start(command, workdir)
   wait_for(lambda: logged_steps(workdir) >= 5)
   process.send_signal(signal.SIGTERM)
   output = process.communicate(timeout=300)[0]
@@ -99,7 +98,7 @@ def test_sigterm_saves_exits_0_and_resumes_the_same_curve(dirs, uninterrupted, t
   stopped = max(losses(workdir))
   assert f'Stopped at step {stopped}' in output and 'run the same command to resume' in output
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(stopped)))
-  resumed = subprocess.run(command(dirs, workdir), cwd=REPO, capture_output=True, text=True)
+  resumed = subprocess.run(command(workdir), cwd=REPO, capture_output=True, text=True)
   assert resumed.returncode == 0
   want = losses(uninterrupted)
   assert losses(workdir) == {s: want[s] for s in losses(workdir)}  # bitwise, every step

@@ -4,7 +4,6 @@ import importlib
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import portpicker
@@ -66,35 +65,26 @@ def test_resume_is_exact_and_works_on_another_mesh(text_dir, data_dir, tmp_path,
 
 
 @pytest.mark.slow
-def test_two_processes_train_together(text_dir, data_dir, tmp_path, small_config, losses):
+def test_two_processes_train_together(text_dir, data_dir, tmp_path, small_config, losses,
+                                      train_command):
   """Two processes x 4 CPU devices over loopback, then one process resumes their checkpoint."""
   workdir = str(tmp_path / 'two')
-  overrides = [
-      f'--config.model.{k}={v}' for k, v in dict(
-          dim=64, n_layers=2, n_heads=4, vocab_size=400, max_seq_len=64, dtype='float32').items()
-  ]
-  overrides += [
-      f'--config.train.{k}={v}'
-      for k, v in dict(steps=4, batch_size=8, seq_len=32, eval_every=0).items()
-  ]
-  overrides += [
-      f'--config.data.text_dir={text_dir}', f'--config.data.data_dir={data_dir}',
-      '--config.checkpoint.every_steps=4', '--config.logging.every_steps=1',
-      '--config.optim.warmup_steps=5', '--config.optim.decay_steps=20'
-  ]
+  command = train_command(text_dir, data_dir, workdir, **{
+      'train.steps': 4,
+      'train.eval_every': 0,
+      'checkpoint.every_steps': 4
+  })
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
   port = portpicker.pick_unused_port()
   processes = [
-      subprocess.Popen([
-          sys.executable, 'train.py', f'--workdir={workdir}',
-          f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}',
-          *overrides
-      ],
-                       cwd=REPO,
-                       env=env,
-                       stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT,
-                       text=True) for i in range(2)
+      subprocess.Popen(
+          command +
+          [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+          cwd=REPO,
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True) for i in range(2)
   ]
   outputs = [p.communicate(timeout=600)[0] for p in processes]
   assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
