@@ -158,12 +158,8 @@ def check_attention(plan: Plan) -> list:
   for name in attention_lib.IMPLEMENTATIONS[2:]:  # all but auto and reference
     dtype = jnp.float32 if name != 'cudnn' else jnp.bfloat16
     segments = None if name == 'cudnn' else packed
-    if attention_lib.unsupported(name,
-                                 platform=platform,
-                                 length=length,
-                                 head_dim=head_dim,
-                                 dtype=dtype,
-                                 segments=segments is not None):
+    if attention_lib.unsupported(name, platform=platform, length=length, head_dim=head_dim,
+                                 dtype=dtype, segments=segments is not None):
       continue
     inputs = [x.astype(dtype) for x in (q, k, v)]
 
@@ -228,9 +224,7 @@ def speed_section(plan: Plan, steps: int) -> str:
   device, platform = jax.devices()[0], jax.default_backend()
   config = load_config(plan)
   model_config = model_lib.ModelConfig.from_config(config.model)
-  chosen = attention_lib.resolve_implementation('auto',
-                                                platform,
-                                                length=config.train.seq_len,
+  chosen = attention_lib.resolve_implementation('auto', platform, length=config.train.seq_len,
                                                 head_dim=model_config.head_dim,
                                                 dtype=model_config.compute_dtype,
                                                 segments=config.data.segment_mask)
@@ -269,12 +263,8 @@ def speed_section(plan: Plan, steps: int) -> str:
 
 def capacity_config(plan: Plan, dim: int, heads: int, layers: int):
   config = load_config(plan, **{'model.remat': 'full', 'train.microbatches': 1})
-  config.model.update(dim=dim,
-                      n_heads=heads,
-                      n_layers=layers,
-                      vocab_size=plan.capacity_vocab,
-                      max_seq_len=plan.capacity_seq,
-                      multiple_of=256 if dim >= 1024 else 32)
+  config.model.update(dim=dim, n_heads=heads, n_layers=layers, vocab_size=plan.capacity_vocab,
+                      max_seq_len=plan.capacity_seq, multiple_of=256 if dim >= 1024 else 32)
   config.train.update(batch_size=1, seq_len=plan.capacity_seq, loss_chunks=8)
   return config
 
@@ -325,9 +315,7 @@ def capacity_section(plan: Plan) -> str:
 def decoding_section(plan: Plan) -> str:
   rows = []
   for name, dim, heads, layers in plan.decode_shapes:
-    model_config = model_lib.ModelConfig(dim=dim,
-                                         n_heads=heads,
-                                         n_layers=layers,
+    model_config = model_lib.ModelConfig(dim=dim, n_heads=heads, n_layers=layers,
                                          vocab_size=32000 if dim >= 1024 else 512,
                                          max_seq_len=plan.decode_prompt + plan.decode_new_tokens,
                                          attention='reference')

@@ -44,15 +44,8 @@ def packed_segment_ids(batch: int, length: int, seed: int = 0) -> np.ndarray:
   return ids
 
 
-def measure(implementation: str,
-            batch: int,
-            length: int,
-            heads: int,
-            kv_heads: int,
-            head_dim: int,
-            dtype,
-            packed: bool,
-            repeats: int = 5) -> dict:
+def measure(implementation: str, batch: int, length: int, heads: int, kv_heads: int, head_dim: int,
+            dtype, packed: bool, repeats: int = 5) -> dict:
   """{'forward_ms', 'backward_ms' (forward+backward), 'temp_bytes' (of the gradient)}."""
   keys = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(keys[0], (batch, length, heads, head_dim), dtype)
@@ -75,9 +68,10 @@ def measure(implementation: str,
 def supported(length: int, head_dim: int, dtype, packed: bool) -> list[str]:
   platform = jax.default_backend()
   return [
-      name for name in attention_lib.IMPLEMENTATIONS[1:] if not attention_lib.unsupported(
-          name, platform=platform, length=length, head_dim=head_dim, dtype=dtype, segments=packed)
-      and not (platform == 'cpu' and name in ('splash', 'triton'))
+      name for name in attention_lib.IMPLEMENTATIONS[1:]
+      if not attention_lib.unsupported(name, platform=platform, length=length, head_dim=head_dim,
+                                       dtype=dtype, segments=packed) and
+      not (platform == 'cpu' and name in ('splash', 'triton'))
   ]  # interpreted: slow
 
 
@@ -98,13 +92,11 @@ def main(argv):
       except Exception as error:  # out of memory, an unsupported shape: report and go on
         print(
             f'| {length} | {batch} | {name} | failed: {type(error).__name__}: '
-            f'{str(error).splitlines()[0][:120]} | | |',
-            flush=True)
+            f'{str(error).splitlines()[0][:120]} | | |', flush=True)
         continue
       print(
           f'| {length} | {batch} | {name} | {row["forward_ms"]:.2f} | '
-          f'{row["backward_ms"]:.2f} | {row["temp_bytes"] / 2**30:.2f} |',
-          flush=True)
+          f'{row["backward_ms"]:.2f} | {row["temp_bytes"] / 2**30:.2f} |', flush=True)
 
 
 if __name__ == '__main__':

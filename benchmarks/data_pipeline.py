@@ -26,14 +26,9 @@ def main(argv):
   config.data.data_dir = FLAGS.data_dir
   builder, train_source, _ = sources.open_sources(config.data)
   tokenizer = tokenizer_lib.for_data(config.data, config.model.vocab_size, builder, train_source)
-  dataset = pipeline.batches(train_source,
-                             text_feature='text',
-                             tokenizer=tokenizer,
-                             batch_size=FLAGS.batch_size,
-                             rows=range(FLAGS.batch_size),
-                             seq_len=FLAGS.seq_len,
-                             seed=0,
-                             prefetch=config.data.prefetch)
+  dataset = pipeline.batches(train_source, text_feature='text', tokenizer=tokenizer,
+                             batch_size=FLAGS.batch_size, rows=range(FLAGS.batch_size),
+                             seq_len=FLAGS.seq_len, seed=0, prefetch=config.data.prefetch)
   iterator = iter(dataset)
   for _ in range(5):
     next(iterator)

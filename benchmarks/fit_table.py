@@ -54,16 +54,12 @@ def main(argv):
               raise
             print(
                 f'  {name} {family} {chips} chips x{microbatches}: does not fit '
-                f'({time.perf_counter() - start:.0f}s)',
-                file=sys.stderr,
-                flush=True)
+                f'({time.perf_counter() - start:.0f}s)', file=sys.stderr, flush=True)
             continue
           memory = aot.memory_per_chip(compiled)['total']
           print(
               f'  {name} {family} {chips} chips x{microbatches}: {memory / 2**30:.1f} GiB '
-              f'({time.perf_counter() - start:.0f}s)',
-              file=sys.stderr,
-              flush=True)
+              f'({time.perf_counter() - start:.0f}s)', file=sys.stderr, flush=True)
           if memory <= chip.hbm_bytes:
             flops = metrics_lib.flops_per_token(model_config, config.train.seq_len, params)
             days = PAPER_TOKENS[name] * flops / (chips * chip.peak_flops * FLAGS.assumed_mfu)

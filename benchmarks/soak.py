@@ -44,9 +44,7 @@ def main(argv):
       sys.executable, 'train.py', f'--workdir={FLAGS.workdir}',
       *[f'--config.{k}={v}' for k, v in overrides.items()]
   ]
-  process = subprocess.Popen(command,
-                             cwd=REPO,
-                             stdout=subprocess.DEVNULL,
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
   memory = []  # (seconds, steps logged, resident bytes)
   start = time.time()

@@ -24,8 +24,7 @@ FLAGS = flags.FLAGS
 
 def random_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> dict:
   """Random tokens as one document per row: [batch, length] numpy arrays."""
-  tokens = np.random.default_rng(seed).integers(0,
-                                                vocab_size, (batch_size, seq_len + 1),
+  tokens = np.random.default_rng(seed).integers(0, vocab_size, (batch_size, seq_len + 1),
                                                 dtype=np.int32)
   return {
       'inputs': tokens[:, :-1],

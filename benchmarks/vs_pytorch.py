@@ -54,14 +54,8 @@ def matmul_flops_per_s(dtype, size=2048, repeats=10) -> float:
 def our_step(precision, tokens):
   config = default.get_config()
   config.model.update(
-      dict(dim=FLAGS.dim,
-           n_layers=FLAGS.layers,
-           n_heads=FLAGS.heads,
-           vocab_size=FLAGS.vocab,
-           max_seq_len=FLAGS.seq,
-           dtype=precision,
-           remat=FLAGS.remat,
-           multiple_of=256))
+      dict(dim=FLAGS.dim, n_layers=FLAGS.layers, n_heads=FLAGS.heads, vocab_size=FLAGS.vocab,
+           max_seq_len=FLAGS.seq, dtype=precision, remat=FLAGS.remat, multiple_of=256))
   config.train.update(dict(batch_size=FLAGS.batch, seq_len=FLAGS.seq, steps=1000,
                            loss_chunks=1))  # one chunk: the fastest on CPU
   config.data.segment_mask = False
@@ -90,15 +84,11 @@ def our_step(precision, tokens):
 
 
 def torch_step(precision, tokens):
-  config = transformers.LlamaConfig(hidden_size=FLAGS.dim,
-                                    num_hidden_layers=FLAGS.layers,
-                                    num_attention_heads=FLAGS.heads,
-                                    num_key_value_heads=FLAGS.heads,
-                                    vocab_size=FLAGS.vocab,
-                                    intermediate_size=model_lib.ModelConfig(
-                                        dim=FLAGS.dim, n_heads=FLAGS.heads).hidden_dim,
-                                    max_position_embeddings=FLAGS.seq,
-                                    attn_implementation='sdpa')
+  config = transformers.LlamaConfig(
+      hidden_size=FLAGS.dim, num_hidden_layers=FLAGS.layers, num_attention_heads=FLAGS.heads,
+      num_key_value_heads=FLAGS.heads, vocab_size=FLAGS.vocab,
+      intermediate_size=model_lib.ModelConfig(dim=FLAGS.dim, n_heads=FLAGS.heads).hidden_dim,
+      max_position_embeddings=FLAGS.seq, attn_implementation='sdpa')
   model = transformers.LlamaForCausalLM(config).train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
   ids = torch.tensor(tokens, dtype=torch.long)
@@ -119,8 +109,7 @@ def torch_step(precision, tokens):
 def main(argv):
   del argv
   torch.set_num_threads(os.cpu_count())
-  tokens = np.random.default_rng(0).integers(0,
-                                             FLAGS.vocab, (FLAGS.batch, FLAGS.seq + 1),
+  tokens = np.random.default_rng(0).integers(0, FLAGS.vocab, (FLAGS.batch, FLAGS.seq + 1),
                                              dtype=np.int32)
   batch_tokens = FLAGS.batch * FLAGS.seq
   print(f'shape: dim {FLAGS.dim}, {FLAGS.layers} layers, {FLAGS.heads} heads, vocab '

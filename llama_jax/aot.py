@@ -92,11 +92,9 @@ def topology_devices(name: str, slices: int = 1):
   host_bounds = tuple(min(2, d) for d in dims) + (1,) * (3 - len(dims))  # up to 2x2 chips a host
   try:
     from jax.experimental import topologies
-    topology = topologies.get_topology_desc(platform='tpu',
-                                            topology_name=topology_name,
+    topology = topologies.get_topology_desc(platform='tpu', topology_name=topology_name,
                                             chip_config_name=chip.chip_config,
-                                            chips_per_host_bounds=host_bounds,
-                                            num_slices=slices)
+                                            chips_per_host_bounds=host_bounds, num_slices=slices)
   except Exception as error:  # libtpu missing, or held by another process
     if 'lockfile' in str(error):
       raise UserError(f'cannot describe TPU topology {topology_name}: another process on this '
@@ -115,8 +113,7 @@ def compile_train_step(config, devices):
                        built.abstract_state, built.shardings)
   shape = (config.train.batch_size, config.train.seq_len)
   batch = {
-      key: jax.ShapeDtypeStruct(shape,
-                                jnp.float32 if key == 'weights' else jnp.int32,
+      key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == 'weights' else jnp.int32,
                                 sharding=built.batch_sharding)
       for key in ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
   }

@@ -41,14 +41,8 @@ BLOCKWISE_BLOCK = 512
 _MASKED = -1e30
 
 
-def unsupported(implementation: str,
-                *,
-                platform: str,
-                length: int,
-                head_dim: int,
-                dtype,
-                segments: bool,
-                block: int = KERNEL_BLOCK) -> str | None:
+def unsupported(implementation: str, *, platform: str, length: int, head_dim: int, dtype,
+                segments: bool, block: int = KERNEL_BLOCK) -> str | None:
   """Why `implementation` cannot run causal self-attention of this shape (None if it can)."""
   if implementation in ('splash', 'triton'):
     home = 'tpu' if implementation == 'splash' else 'gpu'
@@ -69,21 +63,11 @@ def unsupported(implementation: str,
   return None
 
 
-def resolve_implementation(implementation: str,
-                           platform: str,
-                           *,
-                           length: int,
-                           head_dim: int,
-                           dtype,
-                           segments: bool,
-                           block: int = KERNEL_BLOCK) -> str:
+def resolve_implementation(implementation: str, platform: str, *, length: int, head_dim: int, dtype,
+                           segments: bool, block: int = KERNEL_BLOCK) -> str:
   """`auto` -> the implementation for this platform and shape; an explicit one that cannot
   run it raises ConfigError saying what would."""
-  shape = dict(platform=platform,
-               length=length,
-               head_dim=head_dim,
-               dtype=dtype,
-               segments=segments,
+  shape = dict(platform=platform, length=length, head_dim=head_dim, dtype=dtype, segments=segments,
                block=block)
   if implementation == 'auto':
     return next((name for name in AUTO.get(platform, ()) if not unsupported(name, **shape)),
@@ -98,26 +82,16 @@ def resolve_implementation(implementation: str,
   return implementation
 
 
-def attention(q,
-              k,
-              v,
-              q_segment_ids=None,
-              kv_segment_ids=None,
-              *,
-              implementation='reference',
+def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, implementation='reference',
               block_size=None):
   """Causal self-attention; returns [batch, q_len, heads, head_dim] in q's dtype.
 
   `block_size` overrides the blocks of blockwise and the Pallas kernels (tests use small ones).
   """
   platform, length, head_dim = sharding_lib.compute_platform(), q.shape[1], q.shape[-1]
-  implementation = resolve_implementation(implementation,
-                                          platform,
-                                          length=length,
-                                          head_dim=head_dim,
-                                          dtype=q.dtype,
-                                          segments=q_segment_ids is not None,
-                                          block=block_size or KERNEL_BLOCK)
+  implementation = resolve_implementation(implementation, platform, length=length,
+                                          head_dim=head_dim, dtype=q.dtype, segments=q_segment_ids
+                                          is not None, block=block_size or KERNEL_BLOCK)
   if implementation == 'reference':
     return reference_attention(q, k, v, q_segment_ids, kv_segment_ids)
   if q.shape[1] != k.shape[1]:
@@ -129,12 +103,7 @@ def attention(q,
   if implementation == 'splash' and not block_size:  # the largest of its usual blocks
     block = next(size for size in (512, 256, 128) if length % size == 0)
   kernel = {'splash': _splash_kernel, 'triton': _triton_kernel, 'cudnn': _cudnn_kernel}
-  return _per_device(kernel[implementation],
-                     q,
-                     k,
-                     v,
-                     q_segment_ids,
-                     block=block,
+  return _per_device(kernel[implementation], q, k, v, q_segment_ids, block=block,
                      interpret=platform == 'cpu')
 
 
@@ -237,8 +206,8 @@ def _flash_forward(q, k, v, q_seg, kv_seg):
       probs = jnp.where(mask, jnp.exp(scores - new_max[..., None]), 0.0)
       correction = jnp.exp(row_max - new_max)
       row_sum = row_sum * correction + probs.sum(-1)
-      acc = acc * correction[..., None] + jnp.einsum(
-          'bkgqs,bskh->bkgqh', probs.astype(v.dtype), v[:, j], preferred_element_type=jnp.float32)
+      acc = acc * correction[..., None] + jnp.einsum('bkgqs,bskh->bkgqh', probs.astype(v.dtype),
+                                                     v[:, j], preferred_element_type=jnp.float32)
       return acc, new_max, row_sum
 
     stats_shape = (batch, kv_heads, group, block)
@@ -268,9 +237,7 @@ def _flash_backward(residuals, d_out):
 
   def grads_of_pair(i, j):
     probs = _block_probs(q[:, i], k[:, j], i, j, q_seg[:, i], kv_seg[:, j], lse[:, i])
-    d_probs = jnp.einsum('bqkgh,bskh->bkgqs',
-                         d_out[:, i],
-                         v[:, j],
+    d_probs = jnp.einsum('bqkgh,bskh->bkgqs', d_out[:, i], v[:, j],
                          preferred_element_type=jnp.float32)
     d_scores = probs * (d_probs - delta[:, i][..., None]) * scale
     return probs, d_scores
@@ -278,9 +245,7 @@ def _flash_backward(residuals, d_out):
   def query_grad(i):
     def key_block(j, d_q):
       _, d_scores = grads_of_pair(i, j)
-      return d_q + jnp.einsum('bkgqs,bskh->bqkgh',
-                              d_scores.astype(k.dtype),
-                              k[:, j],
+      return d_q + jnp.einsum('bkgqs,bskh->bqkgh', d_scores.astype(k.dtype), k[:, j],
                               preferred_element_type=jnp.float32)
 
     return jax.lax.fori_loop(0, i + 1, key_block, jnp.zeros(q[:, i].shape, jnp.float32))
@@ -289,13 +254,9 @@ def _flash_backward(residuals, d_out):
     def query_block(i, carry):
       d_k, d_v = carry
       probs, d_scores = grads_of_pair(i, j)
-      d_v = d_v + jnp.einsum('bkgqs,bqkgh->bskh',
-                             probs.astype(d_out.dtype),
-                             d_out[:, i],
+      d_v = d_v + jnp.einsum('bkgqs,bqkgh->bskh', probs.astype(d_out.dtype), d_out[:, i],
                              preferred_element_type=jnp.float32)
-      d_k = d_k + jnp.einsum('bkgqs,bqkgh->bskh',
-                             d_scores.astype(q.dtype),
-                             q[:, i],
+      d_k = d_k + jnp.einsum('bkgqs,bqkgh->bskh', d_scores.astype(q.dtype), q[:, i],
                              preferred_element_type=jnp.float32)
       return d_k, d_v
 
@@ -330,10 +291,7 @@ def _per_device(kernel, q, k, v, segment_ids, **options):
   mesh, rules = mesh_and_rules
   heads = sharding_lib.logical_to_mesh(('batch', None, 'act_heads', None), rules)
   segments = sharding_lib.logical_to_mesh(('batch', None), rules)
-  return jax.shard_map(run,
-                       mesh=mesh,
-                       in_specs=(heads, heads, heads, segments),
-                       out_specs=heads,
+  return jax.shard_map(run, mesh=mesh, in_specs=(heads, heads, heads, segments), out_specs=heads,
                        check_vma=False)(q, k, v, segment_ids)
 
 
@@ -342,24 +300,14 @@ def _splash_kernel(q, k, v, segment_ids, *, block, interpret):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
   length, heads, head_dim = q.shape[1], q.shape[2], q.shape[3]
-  sizes = splash.BlockSizes(block_q=block,
-                            block_kv=block,
-                            block_kv_compute=block,
-                            block_q_dkv=block,
-                            block_kv_dkv=block,
-                            block_kv_dkv_compute=block,
-                            block_q_dq=block,
-                            block_kv_dq=block)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
   mask = masks.MultiHeadMask([masks.CausalMask((length, length)) for _ in range(heads)])
-  kernel = splash.make_splash_mha(mask,
-                                  block_sizes=sizes,
-                                  head_shards=1,
-                                  q_seq_shards=1,
+  kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                   interpret=interpret)
   heads_first = lambda x: x.transpose(0, 2, 1, 3)
-  out = jax.vmap(kernel)(heads_first(q * head_dim**-0.5),
-                         heads_first(k),
-                         heads_first(v),
+  out = jax.vmap(kernel)(heads_first(q * head_dim**-0.5), heads_first(k), heads_first(v),
                          segment_ids=splash.SegmentIds(q=segment_ids, kv=segment_ids))
   return heads_first(out)
 
@@ -370,20 +318,10 @@ def _triton_kernel(q, k, v, segment_ids, *, block, interpret):
   group = q.shape[2] // k.shape[2]
   k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
   backward = min(32, block)
-  sizes = gpu_attention.BlockSizes(block_q=block,
-                                   block_k=block,
-                                   block_q_dkv=backward,
-                                   block_kv_dkv=backward,
-                                   block_q_dq=backward,
-                                   block_kv_dq=backward)
-  return gpu_attention.mha(q,
-                           k,
-                           v,
-                           segment_ids,
-                           sm_scale=q.shape[-1]**-0.5,
-                           causal=True,
-                           block_sizes=sizes,
-                           interpret=interpret)
+  sizes = gpu_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=backward,
+                                   block_kv_dkv=backward, block_q_dq=backward, block_kv_dq=backward)
+  return gpu_attention.mha(q, k, v, segment_ids, sm_scale=q.shape[-1]**-0.5, causal=True,
+                           block_sizes=sizes, interpret=interpret)
 
 
 def _cudnn_kernel(q, k, v, segment_ids, *, block, interpret):

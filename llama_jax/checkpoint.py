@@ -76,21 +76,21 @@ def save(manager, step: int, state, first_row: int, row_states: list, config_dic
 
   row_states: this process's data positions, for the rows from `first_row` on.
   """
-  manager.save(step,
-               args=ocp.args.Composite(
-                   params=ocp.args.StandardSave(state.params),
-                   train_state=ocp.args.StandardSave(_train_state_without_params(state)),
-                   data=ocp.args.JsonSave({'rows': _gather_rows(first_row, row_states)}),
-                   config=ocp.args.JsonSave(config_dict)))
+  manager.save(
+      step,
+      args=ocp.args.Composite(params=ocp.args.StandardSave(state.params),
+                              train_state=ocp.args.StandardSave(_train_state_without_params(state)),
+                              data=ocp.args.JsonSave({'rows': _gather_rows(first_row, row_states)}),
+                              config=ocp.args.JsonSave(config_dict)))
 
 
 def save_params(directory: str, step: int, params, config_dict: dict) -> None:
   """A parameters-only checkpoint (converted weights) that eval.py and fine-tuning load."""
   options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
   with ocp.CheckpointManager(_absolute(directory), options=options) as manager:
-    manager.save(step,
-                 args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                         config=ocp.args.JsonSave(config_dict)))
+    manager.save(
+        step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                      config=ocp.args.JsonSave(config_dict)))
     manager.wait_until_finished()
 
 
@@ -106,14 +106,12 @@ def restore(directory: str, step: int, abstract_state, shardings):
   Each process reads its own shards by itself (see make_manager).
   """
   with make_manager(directory) as manager:
-    restored = manager.restore(step,
-                               args=ocp.args.Composite(
-                                   params=ocp.args.StandardRestore(
-                                       _target(abstract_state.params, shardings.params)),
-                                   train_state=ocp.args.StandardRestore(
-                                       _target(_train_state_without_params(abstract_state),
-                                               _train_state_without_params(shardings))),
-                                   data=ocp.args.JsonRestore()))
+    restored = manager.restore(
+        step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_target(abstract_state.params, shardings.params)),
+            train_state=ocp.args.StandardRestore(
+                _target(_train_state_without_params(abstract_state),
+                        _train_state_without_params(shardings))), data=ocp.args.JsonRestore()))
   state = abstract_state.replace(params=restored.params, **restored.train_state)
   return state, restored.data['rows']
 
@@ -149,6 +147,5 @@ def restore_params(directory: str, step: int, abstract_params, shardings):
   """Only the parameters of checkpoint `step`, onto `shardings`; nothing else is read."""
   with make_manager(directory) as manager:
     return manager.restore(
-        step,
-        args=ocp.args.Composite(
+        step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(_target(abstract_params, shardings)))).params

@@ -78,17 +78,13 @@ def model_config_from_hf(hf: dict) -> model_lib.ModelConfig:
             dim // heads) != dim // heads or hf.get('attention_bias') or hf.get('mlp_bias'):
     raise UserError('this LLaMA variant (head_dim != hidden_size / heads, or biases) is '
                     'not supported.')
-  return model_lib.ModelConfig(dim=dim,
-                               n_layers=hf['num_hidden_layers'],
-                               n_heads=heads,
-                               n_kv_heads=hf.get('num_key_value_heads') or heads,
-                               vocab_size=hf['vocab_size'],
-                               norm_eps=hf.get('rms_norm_eps', 1e-6),
-                               rope_theta=float(
-                                   hf.get('rope_theta') or rope.get('rope_theta', 10000.0)),
-                               max_seq_len=hf.get('max_position_embeddings', 2048),
-                               dtype='float32',
-                               **_ffn_keys(dim, hf['intermediate_size']))
+  return model_lib.ModelConfig(
+      dim=dim, n_layers=hf['num_hidden_layers'], n_heads=heads,
+      n_kv_heads=hf.get('num_key_value_heads') or heads, vocab_size=hf['vocab_size'],
+      norm_eps=hf.get('rms_norm_eps', 1e-6),
+      rope_theta=float(hf.get('rope_theta') or rope.get('rope_theta', 10000.0)),
+      max_seq_len=hf.get('max_position_embeddings', 2048), dtype='float32',
+      **_ffn_keys(dim, hf['intermediate_size']))
 
 
 def hf_config_from_model(config: model_lib.ModelConfig) -> dict:
@@ -229,17 +225,13 @@ def read_meta(folder: str):
   vocab_size = meta.get('vocab_size', -1)
   if vocab_size <= 0:
     vocab_size = sum(s['tok_embeddings.weight'].shape[0] for s in shards[:1])
-  config = model_lib.ModelConfig(dim=meta['dim'],
-                                 n_layers=meta['n_layers'],
-                                 n_heads=meta['n_heads'],
-                                 n_kv_heads=meta.get('n_kv_heads'),
-                                 vocab_size=vocab_size,
-                                 multiple_of=meta.get('multiple_of', 256),
+  config = model_lib.ModelConfig(dim=meta['dim'], n_layers=meta['n_layers'],
+                                 n_heads=meta['n_heads'], n_kv_heads=meta.get('n_kv_heads'),
+                                 vocab_size=vocab_size, multiple_of=meta.get('multiple_of', 256),
                                  ffn_dim_multiplier=meta.get('ffn_dim_multiplier'),
                                  norm_eps=meta.get('norm_eps', 1e-5),
                                  rope_theta=float(meta.get('rope_theta', 10000.0)),
-                                 max_seq_len=meta.get('max_seq_len', 2048),
-                                 dtype='float32')
+                                 max_seq_len=meta.get('max_seq_len', 2048), dtype='float32')
 
   def read_tensor(name):
     if name.startswith('model.layers.'):

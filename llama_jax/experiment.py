@@ -27,14 +27,10 @@ def validate(config, mesh_sizes: dict, platform: str) -> model_lib.ModelConfig:
   """
   model_config = model_lib.ModelConfig.from_config(config.model)
   train = config.train
-  model_config = dataclasses.replace(model_config,
-                                     attention=attention_lib.resolve_implementation(
-                                         model_config.attention,
-                                         platform,
-                                         length=train.seq_len,
-                                         head_dim=model_config.head_dim,
-                                         dtype=model_config.compute_dtype,
-                                         segments=config.data.segment_mask))
+  model_config = dataclasses.replace(
+      model_config, attention=attention_lib.resolve_implementation(
+          model_config.attention, platform, length=train.seq_len, head_dim=model_config.head_dim,
+          dtype=model_config.compute_dtype, segments=config.data.segment_mask))
 
   def check(ok, message):
     if not ok:
@@ -95,16 +91,10 @@ def build(config, devices) -> Experiment:
   shardings = sharding_lib.state_shardings(abstract, mesh, rules)
   graphdef = steps.graphdef_of(model_config)
   loss_options = dict(segment_mask=config.data.segment_mask, loss_chunks=config.train.loss_chunks)
-  train_step = steps.jit_train_step(mesh,
-                                    rules,
-                                    shardings,
-                                    graphdef=graphdef,
-                                    optimizer=optimizer,
-                                    learning_rate=optim.learning_rate_schedule(
-                                        config.optim, config.train.steps),
-                                    microbatches=config.train.microbatches,
-                                    z_loss=config.train.z_loss,
-                                    **loss_options)
+  train_step = steps.jit_train_step(
+      mesh, rules, shardings, graphdef=graphdef, optimizer=optimizer,
+      learning_rate=optim.learning_rate_schedule(config.optim, config.train.steps),
+      microbatches=config.train.microbatches, z_loss=config.train.z_loss, **loss_options)
   eval_step = steps.jit_eval_step(mesh, rules, shardings.params, graphdef=graphdef, **loss_options)
   return Experiment(model_config, mesh, rules, optimizer, abstract, shardings,
                     sharding_lib.batch_sharding(mesh, rules), train_step, eval_step,

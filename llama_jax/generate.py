@@ -71,9 +71,7 @@ def _generate(params, tokens, segment_ids, positions, rng, *, graphdef, sampling
 
   def decode_one(carry):
     i, token, position, cache, done, output, rng = carry
-    logits, cache = model(token[:, None],
-                          position[:, None],
-                          jnp.ones((batch, 1), jnp.int32),
+    logits, cache = model(token[:, None], position[:, None], jnp.ones((batch, 1), jnp.int32),
                           cache=cache)
     rng, step_rng = jax.random.split(rng)
     next_token = sample(logits[:, 0], step_rng, sampling)
@@ -89,14 +87,8 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, eos_id: int, s
   """New tokens for each prompt (token ids), up to and without EOS."""
   graphdef, params = nnx.split(model, nnx.Param)
   tokens, segment_ids, positions = left_pad(prompts)
-  output = _generate(params,
-                     tokens,
-                     segment_ids,
-                     positions,
-                     jax.random.key(seed),
-                     graphdef=graphdef,
-                     sampling=sampling,
-                     eos_id=eos_id)
+  output = _generate(params, tokens, segment_ids, positions, jax.random.key(seed),
+                     graphdef=graphdef, sampling=sampling, eos_id=eos_id)
   results = []
   for row in np.asarray(output).tolist():
     results.append(row[:row.index(eos_id)] if eos_id in row else row)

@@ -154,8 +154,7 @@ def project(x, w, contract: int = 1, out_dtype=None):
   if compute_platform() != 'cpu':
     return jnp.tensordot(x, w, axes=contract, preferred_element_type=out_dtype)
   lead, inner, outer = x.shape[:-contract], x.shape[-contract:], w.shape[contract:]
-  y = jnp.matmul(x.reshape(math.prod(lead), math.prod(inner)),
-                 w.reshape(math.prod(inner), -1),
+  y = jnp.matmul(x.reshape(math.prod(lead), math.prod(inner)), w.reshape(math.prod(inner), -1),
                  preferred_element_type=out_dtype)
   return y.reshape(*lead, *outer)
 
@@ -211,11 +210,7 @@ class Attention(nnx.Module):
     k = constrain(k, ('batch', None, 'act_heads', None))
     v = constrain(v, ('batch', None, 'act_heads', None))
     if cache is None:
-      out = attention_lib.attention(q,
-                                    k,
-                                    v,
-                                    segment_ids,
-                                    segment_ids,
+      out = attention_lib.attention(q, k, v, segment_ids, segment_ids,
                                     implementation=config.attention)
     else:  # decoding: append to the cache, attend to everything written so far
       k = jax.lax.dynamic_update_slice_in_dim(cache.k, k, cache.index, axis=1)
@@ -303,11 +298,9 @@ class Transformer(nnx.Module):
     if cache is not None:
       if segment_ids is None:
         segment_ids = jnp.ones((batch, length), jnp.int32)
-      cache = dataclasses.replace(cache,
-                                  segment_ids=jax.lax.dynamic_update_slice_in_dim(cache.segment_ids,
-                                                                                  segment_ids,
-                                                                                  start,
-                                                                                  axis=1))
+      cache = dataclasses.replace(
+          cache, segment_ids=jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids,
+                                                                 start, axis=1))
 
     x, new_kv = self._run_layers(x, positions, segment_ids, cache)
     if cache is not None:
@@ -331,8 +324,7 @@ class Transformer(nnx.Module):
 
     policy = REMAT_POLICIES[self.config.remat]
     if self.config.remat != 'none':
-      apply_block = jax.checkpoint(apply_block,
-                                   policy=policy,
+      apply_block = jax.checkpoint(apply_block, policy=policy,
                                    prevent_cse=not self.config.scan_layers)
     if self.config.scan_layers:
       return jax.lax.scan(apply_block, x, (layer_params, kv))

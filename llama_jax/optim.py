@@ -11,12 +11,10 @@ def learning_rate_schedule(optim_config, train_steps: int) -> optax.Schedule:
   """
   peak = optim_config.learning_rate
   total_steps = optim_config.decay_steps or train_steps
-  return optax.warmup_cosine_decay_schedule(init_value=0.0,
-                                            peak_value=peak,
-                                            warmup_steps=optim_config.warmup_steps,
-                                            decay_steps=max(total_steps,
-                                                            optim_config.warmup_steps + 1),
-                                            end_value=peak * optim_config.end_lr_fraction)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=optim_config.warmup_steps,
+      decay_steps=max(total_steps,
+                      optim_config.warmup_steps + 1), end_value=peak * optim_config.end_lr_fraction)
 
 
 def weight_decay_mask(params, decay_embeddings: bool):
@@ -33,9 +31,6 @@ def weight_decay_mask(params, decay_embeddings: bool):
 def make_optimizer(optim_config, train_steps: int) -> optax.GradientTransformation:
   return optax.chain(
       optax.clip_by_global_norm(optim_config.clip_norm),
-      optax.adamw(learning_rate_schedule(optim_config, train_steps),
-                  b1=optim_config.b1,
-                  b2=optim_config.b2,
-                  eps=optim_config.eps,
-                  weight_decay=optim_config.weight_decay,
+      optax.adamw(learning_rate_schedule(optim_config, train_steps), b1=optim_config.b1,
+                  b2=optim_config.b2, eps=optim_config.eps, weight_decay=optim_config.weight_decay,
                   mask=lambda params: weight_decay_mask(params, optim_config.decay_embeddings)))

@@ -34,8 +34,7 @@ class StopRequest:
     self.requested = True
     print(
         f'\nreceived {signal.Signals(signum).name}: stopping after this step and saving a '
-        'checkpoint',
-        flush=True)
+        'checkpoint', flush=True)
 
   def should_stop(self, at_logging_step: bool) -> bool:
     """Whether to stop now; on several processes only decided at logging steps."""

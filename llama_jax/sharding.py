@@ -59,8 +59,7 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
     raise ConfigError(f'mesh.data ({shape[0]}) must be a multiple of the {slices} slices: '
                       'data parallelism is what runs across slices.')
   in_slice = (shape[0] // slices, *shape[1:])
-  device_array = mesh_utils.create_hybrid_device_mesh(in_slice, (slices, 1, 1, 1),
-                                                      devices,
+  device_array = mesh_utils.create_hybrid_device_mesh(in_slice, (slices, 1, 1, 1), devices,
                                                       allow_split_physical_axes=True)
   return jax.sharding.Mesh(device_array, MESH_AXES, axis_types=axis_types)
 
@@ -95,8 +94,7 @@ def logical_to_mesh(logical_axes, rules) -> PartitionSpec:
 def state_shardings(abstract_state, mesh, rules):
   """NamedShardings for a pytree whose nnx.Variables carry logical axis names."""
   specs = nnx.get_partition_spec(abstract_state)
-  return jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_mesh(spec, rules)),
-                      specs,
+  return jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_mesh(spec, rules)), specs,
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 

@@ -103,9 +103,7 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: i
 
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
-  new_state = TrainState(step=state.step + 1,
-                         params=params,
-                         opt_state=opt_state,
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                          bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
                          skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
   metrics = {
@@ -130,36 +128,23 @@ def jit_train_step(mesh, rules, state_shardings, *, graphdef, optimizer, learnin
   """The train step, jitted with the state's shardings and its buffers donated."""
   def step(state, batch):
     with sharding_lib.activation_sharding(mesh, rules):
-      return train_step(state,
-                        batch,
-                        graphdef=graphdef,
-                        optimizer=optimizer,
-                        microbatches=microbatches,
-                        z_loss=z_loss,
-                        segment_mask=segment_mask,
-                        loss_chunks=loss_chunks,
-                        learning_rate=learning_rate)
+      return train_step(state, batch, graphdef=graphdef, optimizer=optimizer,
+                        microbatches=microbatches, z_loss=z_loss, segment_mask=segment_mask,
+                        loss_chunks=loss_chunks, learning_rate=learning_rate)
 
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(step,
-                 in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, replicated),
-                 donate_argnums=0)
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
 def jit_eval_step(mesh, rules, params_shardings, *, graphdef, segment_mask, loss_chunks):
   """The eval step, jitted with the parameters' and the batch's shardings."""
   def step(params, batch, token_bytes):
     with sharding_lib.activation_sharding(mesh, rules):
-      return eval_step(params,
-                       batch,
-                       token_bytes,
-                       graphdef=graphdef,
-                       segment_mask=segment_mask,
+      return eval_step(params, batch, token_bytes, graphdef=graphdef, segment_mask=segment_mask,
                        loss_chunks=loss_chunks)
 
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(step,
-                 in_shardings=(params_shardings, sharding_lib.batch_sharding(mesh,
-                                                                             rules), replicated))
+  return jax.jit(
+      step, in_shardings=(params_shardings, sharding_lib.batch_sharding(mesh, rules), replicated))

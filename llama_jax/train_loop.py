@@ -96,8 +96,7 @@ def _restore_newest_readable(manager, checkpoint_dir, abstract, shardings):
     if error is not None:
       print(
           f'warning: process {jax.process_index()} cannot read checkpoint {checkpoint_dir}/'
-          f'{step} ({type(error).__name__}: {str(error)[:300]})',
-          flush=True)
+          f'{step} ({type(error).__name__}: {str(error)[:300]})', flush=True)
     processes.say(f'warning: checkpoint {checkpoint_dir}/{step} cannot be read by every '
                   f'process; moved it to {aside} and trying the one before')
     if jax.process_index() == 0:
@@ -263,9 +262,7 @@ def _loop(config, experiment, state, start, data: Data, manager, checkpoint_dir,
 
   last, timer = {}, metrics_lib.IntervalTimer()
   profile_start = config.logging.profile_start
-  bar = tqdm.tqdm(initial=start,
-                  total=train_config.steps,
-                  disable=jax.process_index() != 0,
+  bar = tqdm.tqdm(initial=start, total=train_config.steps, disable=jax.process_index() != 0,
                   dynamic_ncols=True)
   stop_request = preemption.StopRequest()
   watchdog = watchdog_lib.HangWatchdog(train_config.hang_timeout_s, jax.process_index())
@@ -329,11 +326,8 @@ def _loop(config, experiment, state, start, data: Data, manager, checkpoint_dir,
 
 def _progress(row: dict) -> dict:
   """The progress bar's fields from a logged row."""
-  fields = dict(loss=f'{row["loss"]:.3f}',
-                lr=f'{row["lr"]:.2e}',
-                gnorm=f'{row["grad_norm"]:.2f}',
-                tok_s=f'{row["tokens_per_s"]:,.0f}',
-                tflops=f'{row["tflops_per_device"]:.2f}')
+  fields = dict(loss=f'{row["loss"]:.3f}', lr=f'{row["lr"]:.2e}', gnorm=f'{row["grad_norm"]:.2f}',
+                tok_s=f'{row["tokens_per_s"]:,.0f}', tflops=f'{row["tflops_per_device"]:.2f}')
   if 'mfu' in row:
     fields['mfu'] = f'{row["mfu"]:.1%}'
   return {**fields, 'skipped': row['skipped_steps']}

@@ -44,8 +44,7 @@ class HangWatchdog:
             f'\nprocess {self.process_index}: no train step completed for {idle:.0f}s '
             f'(train.hang_timeout_s={self.timeout_s:g}) after step {self.step}; stacks of '
             f'every thread follow, then exit code {HANG_EXIT_CODE} (restart to resume)',
-            file=sys.stderr,
-            flush=True)
+            file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
         os._exit(HANG_EXIT_CODE)

@@ -15,10 +15,7 @@ def test_smoke_report_runs_every_section_and_every_check_passes(tmp_path):
   output = tmp_path / 'report.md'
   done = subprocess.run(
       [sys.executable, '-m', 'benchmarks.accelerator_report', '--smoke', f'--output={output}'],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=600)
+      cwd=REPO, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   report = output.read_text()
   for section in ('Setup', 'Correctness', 'Speed', 'Capacity', 'Decoding'):

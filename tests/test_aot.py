@@ -92,8 +92,7 @@ def test_bad_topologies_and_meshes(monkeypatch):
                        'temporarily unavailable; libtpu multi-process lockfile')
 
   monkeypatch.setattr(topologies, 'get_topology_desc', held_by_another_process)
-  with pytest.raises(UserError,
-                     match='another process on this machine holds '
+  with pytest.raises(UserError, match='another process on this machine holds '
                      '/tmp/libtpu_lockfile') as error:
     aot.topology_devices('v5e-4')
   assert 'pip install' not in str(error.value)

@@ -58,12 +58,7 @@ def check_against_reference(implementation, length, heads, kv_heads, with_segmen
     return jnp.sum(attention_fn(q, k, v) * cotangent)
 
   def candidate(q, k, v):
-    return attention_lib.attention(q,
-                                   k,
-                                   v,
-                                   segments,
-                                   segments,
-                                   implementation=implementation,
+    return attention_lib.attention(q, k, v, segments, segments, implementation=implementation,
                                    block_size=block)
 
   def reference(q, k, v):
@@ -102,9 +97,10 @@ def test_training_attention_never_builds_a_length_by_length_array(implementation
   for the CPU's interpreter, block by block)."""
   length = 1024
   q, k, v, segments = random_inputs(length, 2, 2, True)
-  grad_fn = jax.grad(lambda q, k, v: attention_lib.attention(
-      q, k, v, segments, segments, implementation=implementation, block_size=128).sum(),
-                     argnums=(0, 1, 2))
+  grad_fn = jax.grad(
+      lambda q, k, v: attention_lib.attention(q, k, v, segments, segments, implementation=
+                                              implementation, block_size=128).sum(),
+      argnums=(0, 1, 2))
   square = f'{length}x{length}x'  # a [.., length, length, ..] tensor in StableHLO text
   assert square not in jax.jit(grad_fn).lower(q, k, v).as_text()
   reference_grad = jax.grad(lambda q: attention_lib.reference_attention(q, k, v).sum())
@@ -113,12 +109,8 @@ def test_training_attention_never_builds_a_length_by_length_array(implementation
 
 def test_auto_resolves_per_platform_and_shape():
   def resolve(platform, length=2048, dtype=jnp.bfloat16, segments=True, implementation='auto'):
-    return attention_lib.resolve_implementation(implementation,
-                                                platform,
-                                                length=length,
-                                                head_dim=128,
-                                                dtype=dtype,
-                                                segments=segments)
+    return attention_lib.resolve_implementation(implementation, platform, length=length,
+                                                head_dim=128, dtype=dtype, segments=segments)
 
   assert resolve('cpu') == 'reference'
   assert resolve('tpu') == 'splash'
@@ -127,9 +119,9 @@ def test_auto_resolves_per_platform_and_shape():
   assert resolve('gpu') == 'triton'  # cuDNN cannot mask packed documents
   assert resolve('gpu', dtype=jnp.float32, segments=False) == 'triton'
   assert resolve('gpu', length=1000) == 'blockwise'
-  with pytest.raises(ConfigError,
-                     match='model.attention=cudnn cannot keep attention inside '
-                     'packed documents.*data.segment_mask=False.*auto \\(here: triton\\)'):
+  with pytest.raises(
+      ConfigError, match='model.attention=cudnn cannot keep attention inside '
+      'packed documents.*data.segment_mask=False.*auto \\(here: triton\\)'):
     resolve('gpu', implementation='cudnn')
   with pytest.raises(ConfigError, match='splash runs on TPUs'):
     resolve('gpu', implementation='splash')

@@ -16,16 +16,10 @@ from llama_jax.errors import UserError
 
 
 def make_hf_model(folder, n_kv_heads=4, rope_theta=10000.0, seed=0):
-  config = transformers.LlamaConfig(hidden_size=64,
-                                    intermediate_size=176,
-                                    num_hidden_layers=2,
-                                    num_attention_heads=4,
-                                    num_key_value_heads=n_kv_heads,
-                                    vocab_size=102,
-                                    rope_theta=rope_theta,
-                                    max_position_embeddings=128,
-                                    rms_norm_eps=1e-5,
-                                    bos_token_id=1,
+  config = transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=n_kv_heads,
+                                    vocab_size=102, rope_theta=rope_theta,
+                                    max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=1,
                                     eos_token_id=2)
   torch.manual_seed(seed)
   model = transformers.LlamaForCausalLM(config).eval()
@@ -154,11 +148,8 @@ def test_greedy_generation_matches_transformers(tmp_path):
   got = generate.generate(ours, prompts, generate.Sampling(max_new_tokens=10), eos_id=2)
   for prompt, generated in zip(prompts, got):
     with torch.no_grad():
-      want = hf_model.generate(torch.tensor([prompt]),
-                               max_new_tokens=10,
-                               do_sample=False,
-                               eos_token_id=2,
-                               pad_token_id=0)[0, len(prompt):].tolist()
+      want = hf_model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
+                               eos_token_id=2, pad_token_id=0)[0, len(prompt):].tolist()
     want = want[:want.index(2)] if 2 in want else want
     assert generated == want
 

@@ -50,8 +50,7 @@ def test_bfloat16_features_stay_close_to_float32():
   dx = jax.grad(lambda x: cross_entropy(x, w, targets, weights, 0.0, 4)[0])(x)
   want_dx = jax.grad(lambda x: naive_losses(x, w, targets, weights, 0.0)[0])(x.astype(jnp.float32))
   assert dx.dtype == jnp.bfloat16
-  np.testing.assert_allclose(dx.astype(jnp.float32),
-                             want_dx,
+  np.testing.assert_allclose(dx.astype(jnp.float32), want_dx,
                              atol=0.05 * float(jnp.abs(want_dx).max()))
 
 

@@ -21,12 +21,8 @@ def corpus(tmp_path_factory, write_corpus):
   train = sources.open_split(builder, 'train', 'text')
   documents = [train[i]['text'].decode() for i in range(len(train))]
   tokenizer = tokenizer_lib.train(documents, 400, os.path.join(data_dir, 'tok.model'))
-  return dict(text_dir=text_dir,
-              data_dir=data_dir,
-              builder=builder,
-              train=train,
-              tokenizer=tokenizer,
-              documents=documents)
+  return dict(text_dir=text_dir, data_dir=data_dir, builder=builder, train=train,
+              tokenizer=tokenizer, documents=documents)
 
 
 def split_texts(builder, split):
@@ -76,15 +72,9 @@ def test_missing_and_corrupt_tokenizer_files(tmp_path):
 
 
 def make_batches(corpus, rows, batch_size=4, seq_len=32, shuffle=True):
-  return pipeline.batches(corpus['train'],
-                          text_feature='text',
-                          tokenizer=corpus['tokenizer'],
-                          batch_size=batch_size,
-                          rows=rows,
-                          seq_len=seq_len,
-                          seed=3,
-                          shuffle=shuffle,
-                          prefetch=2)
+  return pipeline.batches(corpus['train'], text_feature='text', tokenizer=corpus['tokenizer'],
+                          batch_size=batch_size, rows=rows, seq_len=seq_len, seed=3,
+                          shuffle=shuffle, prefetch=2)
 
 
 def test_packing_keeps_every_token_once_in_order(corpus):
@@ -156,14 +146,8 @@ def test_resume_gives_the_batches_of_an_uninterrupted_run(corpus):
 
 def test_epochs_reshuffle(corpus):
   documents = len(corpus['documents'])
-  dataset = pipeline.batches(corpus['train'],
-                             text_feature='text',
-                             tokenizer=corpus['tokenizer'],
-                             batch_size=1,
-                             rows=range(1),
-                             seq_len=4096,
-                             seed=0,
-                             prefetch=0)
+  dataset = pipeline.batches(corpus['train'], text_feature='text', tokenizer=corpus['tokenizer'],
+                             batch_size=1, rows=range(1), seq_len=4096, seed=0, prefetch=0)
   # One row, long sequences: the first token of each document appears in document order.
   bos = corpus['tokenizer'].bos_id()
   iterator = iter(dataset)

@@ -38,10 +38,7 @@ def run(tmp_path_factory, corpus_dirs, small_config):
   last = train_loop.train(config, workdir)
   builder = sources.dataset_builder('builtin_text', data_dir, text_dir)
   tokenizer = tokenizer_lib.for_data(config.data, config.model.vocab_size, builder)
-  return dict(workdir=workdir,
-              config=config,
-              eval_loss=last['eval_loss'],
-              tokenizer=tokenizer,
+  return dict(workdir=workdir, config=config, eval_loss=last['eval_loss'], tokenizer=tokenizer,
               overrides={
                   'data.data_dir': data_dir,
                   'data.text_dir': text_dir
@@ -166,11 +163,7 @@ def test_sampling_options():
 
 @pytest.mark.slow
 def test_generation_matches_a_loop_without_cache_and_compiles_once():
-  config = model_lib.ModelConfig(dim=32,
-                                 n_layers=2,
-                                 n_heads=2,
-                                 vocab_size=50,
-                                 multiple_of=16,
+  config = model_lib.ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=50, multiple_of=16,
                                  dtype='float32')
   model = model_lib.Transformer(config, rngs=nnx.Rngs(0))
   prompts = [[1, 4, 5, 30, 12], [1, 9]]
@@ -220,11 +213,8 @@ def test_eval_command_line(run, tmp_path):
   with open(os.path.join(run['workdir'], 'eval_step12.json')) as f:
     results = json.load(f)
   assert results['task']['examples'] == 6 and len(results['generations']) == 1
-  missing = subprocess.run([sys.executable, 'eval.py', f'--workdir={tmp_path}'],
-                           cwd=REPO,
-                           capture_output=True,
-                           text=True,
-                           timeout=600)
+  missing = subprocess.run([sys.executable, 'eval.py', f'--workdir={tmp_path}'], cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
   assert missing.returncode != 0 and 'error: no checkpoints in' in missing.stderr
 
 
@@ -235,11 +225,7 @@ def test_converted_weights_without_a_tokenizer_say_so_and_prepare_nothing(run, t
   done = subprocess.run([
       sys.executable, 'eval.py', f'--workdir={tmp_path / "converted"}', '--prompt=def f(',
       f'--config.data.data_dir={data_dir}'
-  ],
-                        cwd=REPO,
-                        capture_output=True,
-                        text=True,
-                        timeout=600)
+  ], cwd=REPO, capture_output=True, text=True, timeout=600)
   assert done.returncode != 0
   assert 'error: no tokenizer: data.tokenizer is empty' in done.stderr, done.stderr[-2000:]
   assert '--config.data.tokenizer=PATH' in done.stderr

@@ -10,16 +10,9 @@ from flax import nnx
 from llama_jax import model as model_lib
 from llama_jax.errors import ConfigError
 
-CONFIG = model_lib.ModelConfig(dim=64,
-                               n_layers=3,
-                               n_heads=4,
-                               n_kv_heads=2,
-                               vocab_size=97,
-                               multiple_of=16,
-                               max_seq_len=64,
-                               dtype='float32',
-                               attention='reference',
-                               remat='none')
+CONFIG = model_lib.ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=97,
+                               multiple_of=16, max_seq_len=64, dtype='float32',
+                               attention='reference', remat='none')
 
 
 def make_model(config=CONFIG, seed=0):

@@ -30,15 +30,11 @@ def launch(command, logs, processes=2):
   running = []
   for i in range(processes):
     log = open(logs / f'{len(list(logs.iterdir()))}.txt', 'w+')
-    process = subprocess.Popen(command + [
-        f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={processes}',
-        f'--process_id={i}'
-    ],
-                               cwd=REPO,
-                               env=env,
-                               stdout=log,
-                               stderr=subprocess.STDOUT,
-                               text=True)
+    process = subprocess.Popen(
+        command + [
+            f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={processes}',
+            f'--process_id={i}'
+        ], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     process.log = log
     running.append(process)
   return running
@@ -132,10 +128,7 @@ def test_a_hang_prints_every_stack_exits_75_and_the_run_resumes(corpus_dirs, tra
                      'pipeline.global_batches = stuck_after_5\n'
                      f'sys.argv = {command[1:]!r}\n'
                      "runpy.run_path('train.py', run_name='__main__')\n")
-  done = subprocess.run([sys.executable, str(hanging)],
-                        cwd=REPO,
-                        capture_output=True,
-                        text=True,
+  done = subprocess.run([sys.executable, str(hanging)], cwd=REPO, capture_output=True, text=True,
                         timeout=300)
   assert done.returncode == watchdog_lib.HANG_EXIT_CODE, done.stderr[-3000:]
   assert 'process 0: no train step completed for' in done.stderr and 'after step 5' in done.stderr

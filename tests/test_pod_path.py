@@ -22,10 +22,7 @@ MESHES = {'fsdp': {}, 'fsdp_sequence_tensor': dict(sequence=2, tensor=2)}
 def llama_shaped(chips, rows_per_fsdp_shard, *, dim=256, seq_len=1024, n_layers=2, **mesh):
   """A small LLaMA (the real 32000-token vocabulary) with a batch that grows with `chips`."""
   config = importlib.import_module('configs.default').get_config()
-  config.model.update(dim=dim,
-                      n_layers=n_layers,
-                      n_heads=max(4, dim // 128),
-                      vocab_size=32000,
+  config.model.update(dim=dim, n_layers=n_layers, n_heads=max(4, dim // 128), vocab_size=32000,
                       max_seq_len=seq_len)
   fsdp = chips // (mesh.get('sequence', 1) * mesh.get('tensor', 1))
   config.train.update(batch_size=rows_per_fsdp_shard * fsdp, seq_len=seq_len)
@@ -86,11 +83,7 @@ def test_no_array_on_a_chip_holds_a_global_activation(mesh):
   """
   batch, seq_len, dim = 128, 2048, 1024
   rows = 2 if mesh == 'fsdp' else 8  # fsdp 64 or 16
-  compiled = compile_for('v5p-128',
-                         rows_per_fsdp_shard=rows,
-                         dim=dim,
-                         seq_len=seq_len,
-                         n_layers=1,
+  compiled = compile_for('v5p-128', rows_per_fsdp_shard=rows, dim=dim, seq_len=seq_len, n_layers=1,
                          **MESHES[mesh])
   global_activation = batch * seq_len * dim * 2
   largest = hlo.largest_arrays(compiled.as_text(), 3)

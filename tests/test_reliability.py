@@ -41,11 +41,8 @@ def command(dirs, train_command):
 
 
 def start(command, workdir):
-  return subprocess.Popen(command(workdir),
-                          cwd=REPO,
-                          stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT,
-                          text=True)
+  return subprocess.Popen(command(workdir), cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
 
 
 def logged_steps(workdir):

@@ -80,11 +80,8 @@ def test_two_processes_train_together(text_dir, data_dir, tmp_path, small_config
       subprocess.Popen(
           command +
           [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
-          cwd=REPO,
-          env=env,
-          stdout=subprocess.PIPE,
-          stderr=subprocess.STDOUT,
-          text=True) for i in range(2)
+          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)
   ]
   outputs = [p.communicate(timeout=600)[0] for p in processes]
   assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]

@@ -18,16 +18,9 @@ from llama_jax import sharding as sharding_lib
 from llama_jax import steps
 from llama_jax.errors import ConfigError
 
-MODEL = model_lib.ModelConfig(dim=64,
-                              n_layers=2,
-                              n_heads=4,
-                              n_kv_heads=2,
-                              vocab_size=128,
-                              multiple_of=16,
-                              max_seq_len=32,
-                              dtype='float32',
-                              attention='reference',
-                              remat='full')
+MODEL = model_lib.ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128,
+                              multiple_of=16, max_seq_len=32, dtype='float32',
+                              attention='reference', remat='full')
 RULES = default.get_config().mesh.rules
 
 
@@ -62,15 +55,10 @@ def run_step(mesh_sizes, batch, microbatches=1, devices=None, loss_chunks=1, mod
   abstract = steps.abstract_state(model, optimizer)
   shardings = sharding_lib.state_shardings(abstract, mesh, RULES)
   state = steps.create_sharded_state(0, model, optimizer, shardings)
-  step = steps.jit_train_step(mesh,
-                              RULES,
-                              shardings,
-                              graphdef=steps.graphdef_of(model),
+  step = steps.jit_train_step(mesh, RULES, shardings, graphdef=steps.graphdef_of(model),
                               optimizer=optimizer,
                               learning_rate=optim.learning_rate_schedule(optim_config(), 10),
-                              microbatches=microbatches,
-                              z_loss=1e-4,
-                              segment_mask=True,
+                              microbatches=microbatches, z_loss=1e-4, segment_mask=True,
                               loss_chunks=loss_chunks)
   batch = jax.device_put(batch, sharding_lib.batch_sharding(mesh, RULES))
   return step(state, batch)
@@ -120,8 +108,7 @@ def test_pallas_kernel_in_the_sharded_step_equals_reference(attention, mesh_size
   model = dataclasses.replace(MODEL, max_seq_len=128)
   batch = make_batch(length=128)
   want_state, want_metrics = run_step(mesh_sizes, batch, model=model)
-  state, metrics = run_step(mesh_sizes,
-                            batch,
+  state, metrics = run_step(mesh_sizes, batch,
                             model=dataclasses.replace(model, attention=attention))
   np.testing.assert_allclose(metrics['loss'], want_metrics['loss'], rtol=1e-5)
   np.testing.assert_allclose(metrics['grad_norm'], want_metrics['grad_norm'], rtol=1e-4)
@@ -163,9 +150,7 @@ def test_schedule_matches_formula():
 
 
 def test_weight_decay_spares_norm_scales():
-  config = optim_config(learning_rate=1e-3,
-                        warmup_steps=0,
-                        weight_decay=0.5,
+  config = optim_config(learning_rate=1e-3, warmup_steps=0, weight_decay=0.5,
                         decay_embeddings=False)
   optimizer = optim.make_optimizer(config, train_steps=10)
   params = nnx.state(model_lib.Transformer(MODEL, rngs=nnx.Rngs(0)), nnx.Param)

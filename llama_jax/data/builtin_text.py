@@ -52,14 +52,12 @@ def folder_config(text_dir: str = '') -> TextFolderConfig:
   """The builder config for a folder; its name (the cache key) is derived from the path."""
   if not text_dir:
     name = 'python{}{}_stdlib'.format(*sysconfig.get_python_version().split('.'))
-    return TextFolderConfig(name=name,
-                            text_dir=stdlib_dir(),
+    return TextFolderConfig(name=name, text_dir=stdlib_dir(),
                             description='The Python standard library source.')
   text_dir = os.path.abspath(os.path.expanduser(text_dir))
   slug = re.sub(r'[^a-z0-9]+', '_', os.path.basename(text_dir).lower()).strip('_') or 'folder'
   digest = hashlib.sha256(text_dir.encode()).hexdigest()[:8]
-  return TextFolderConfig(name=f'{slug}_{digest}',
-                          text_dir=text_dir,
+  return TextFolderConfig(name=f'{slug}_{digest}', text_dir=text_dir,
                           description=f'Text files under {text_dir}.')
 
 

@@ -38,15 +38,7 @@ def _to_batch(rows):
   }
 
 
-def batches(source,
-            *,
-            text_feature,
-            tokenizer,
-            batch_size,
-            rows,
-            seq_len,
-            seed,
-            shuffle=True,
+def batches(source, *, text_feature, tokenizer, batch_size, rows, seq_len, seed, shuffle=True,
             prefetch=4) -> grain.IterDataset:
   """Batches of rows `rows` (this host's share) of a `batch_size`-row global batch.
 
@@ -68,15 +60,9 @@ def batches(source,
 
 def host_batches(config, source, tokenizer, rows: range, shuffle: bool) -> grain.IterDataset:
   """This process's rows of the global batches of `source`, as `config` sets them up."""
-  return batches(source,
-                 text_feature=config.data.text_feature,
-                 tokenizer=tokenizer,
-                 batch_size=config.train.batch_size,
-                 rows=rows,
-                 seq_len=config.train.seq_len,
-                 seed=config.train.seed,
-                 shuffle=shuffle,
-                 prefetch=config.data.prefetch)
+  return batches(source, text_feature=config.data.text_feature, tokenizer=tokenizer,
+                 batch_size=config.train.batch_size, rows=rows, seq_len=config.train.seq_len,
+                 seed=config.train.seed, shuffle=shuffle, prefetch=config.data.prefetch)
 
 
 def global_batches(host_iterator, batch_sharding, batch_size: int, rows: range):

@@ -19,8 +19,7 @@ def dataset_builder(name: str, data_dir: str, text_dir: str = ''):
       raise UserError(f'data.text_dir {text_dir!r} is not a folder; point it at a folder '
                       'of .txt/.jsonl/.py files, or leave it empty for the Python stdlib.')
     config = builtin_text.folder_config(text_dir)
-    return builtin_text.BuiltinText(config=config if text_dir else config.name,
-                                    data_dir=data_dir,
+    return builtin_text.BuiltinText(config=config if text_dir else config.name, data_dir=data_dir,
                                     file_format='array_record')
   if not epath.Path(data_dir).exists():
     raise UserError(f'data.data_dir {data_dir!r} does not exist; set it to the folder (or '

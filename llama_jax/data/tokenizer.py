@@ -11,23 +11,12 @@ from llama_jax import processes
 from llama_jax.errors import UserError
 
 # The LLaMA settings: BPE, digits split, unknown bytes as byte tokens, no normalization.
-TRAINER_OPTIONS = dict(model_type='bpe',
-                       split_digits=True,
-                       byte_fallback=True,
-                       normalization_rule_name='identity',
-                       remove_extra_whitespaces=False,
-                       allow_whitespace_only_pieces=True,
-                       add_dummy_prefix=True,
-                       unk_id=0,
-                       bos_id=1,
-                       eos_id=2,
-                       pad_id=-1,
-                       character_coverage=0.9999,
-                       max_sentence_length=16384,
-                       input_sentence_size=300_000,
-                       shuffle_input_sentence=True,
-                       num_threads=os.cpu_count() or 1,
-                       minloglevel=2)
+TRAINER_OPTIONS = dict(model_type='bpe', split_digits=True, byte_fallback=True,
+                       normalization_rule_name='identity', remove_extra_whitespaces=False,
+                       allow_whitespace_only_pieces=True, add_dummy_prefix=True, unk_id=0, bos_id=1,
+                       eos_id=2, pad_id=-1, character_coverage=0.9999, max_sentence_length=16384,
+                       input_sentence_size=300_000, shuffle_input_sentence=True,
+                       num_threads=os.cpu_count() or 1, minloglevel=2)
 
 
 def load(path: str) -> spm.SentencePieceProcessor:
@@ -51,10 +40,8 @@ def train(documents, vocab_size: int, path: str) -> spm.SentencePieceProcessor:
 
   model = io.BytesIO()
   try:
-    spm.SentencePieceTrainer.train(sentence_iterator=lines(),
-                                   model_writer=model,
-                                   vocab_size=vocab_size,
-                                   **TRAINER_OPTIONS)
+    spm.SentencePieceTrainer.train(sentence_iterator=lines(), model_writer=model,
+                                   vocab_size=vocab_size, **TRAINER_OPTIONS)
   except RuntimeError as error:
     raise UserError(f'could not train a {vocab_size}-token tokenizer ({error}); '
                     'try a smaller model.vocab_size.') from None
