@@ -19,7 +19,7 @@ from llama_jax import checkpoint as checkpoint_lib
 from llama_jax import evaluation, generate
 from llama_jax import experiment as experiment_lib
 from llama_jax import sharding as sharding_lib
-from llama_jax.data import pipeline, sources
+from llama_jax.data import mixture
 from llama_jax.data import tokenizer as tokenizer_lib
 from llama_jax.errors import ConfigError, UserError
 
@@ -62,12 +62,8 @@ def run():
     with open(FLAGS.prompts_file) as f:
       prompts += [line.rstrip('\n') for line in f if line.strip()]
   perplexity = not prompts and not FLAGS.task
-  builder = eval_source = None
-  if perplexity:  # the only use of the dataset itself
-    builder, _, eval_source = sources.open_sources(config.data)
-  elif not config.data.tokenizer:  # where a trained tokenizer would be
-    builder = sources.dataset_builder(config.data.name, config.data.data_dir, config.data.text_dir)
-  tokenizer = tokenizer_lib.for_data(config.data, config.model.vocab_size, builder)
+  corpus = mixture.open_corpus(config.data) if perplexity else None  # the only use of the data
+  tokenizer = tokenizer_lib.for_data(config.data, config.model.vocab_size)  # never trains one
   results = {'step': step}
 
   if prompts:
@@ -87,16 +83,17 @@ def run():
     print(f'{FLAGS.task}: accuracy {results["task"]["accuracy"]:.4f}, length-normalized '
           f'{results["task"]["accuracy_norm"]:.4f} over {results["task"]["examples"]} examples')
   if perplexity:
-    batch_size = config.train.batch_size
-    rows = sharding_lib.rows_of_process(experiment.batch_sharding, batch_size)
-    host = iter(pipeline.host_batches(config, eval_source, tokenizer, rows, shuffle=False))
-    batches = pipeline.global_batches(host, experiment.batch_sharding, batch_size, rows)
-    results['perplexity'] = evaluation.perplexity(experiment.eval_step, params, batches,
-                                                  config.train.eval_batches,
-                                                  jnp.asarray(evaluation.byte_lengths(tokenizer)))
-    print(f'{config.data.name}/{config.data.eval_split} at step {step}: ' +
-          ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
-                    for k, v in results['perplexity'].items()))
+    rows = sharding_lib.rows_of_process(experiment.batch_sharding, config.train.batch_size)
+    by_source = evaluation.perplexity_by_source(config, experiment.eval_step, params, corpus,
+                                                tokenizer, rows, experiment.batch_sharding,
+                                                jnp.asarray(evaluation.byte_lengths(tokenizer)))
+    results['perplexity'] = by_source.pop('')
+    if by_source:
+      results['perplexity_by_source'] = by_source
+    for name, result in [('', results['perplexity']), *by_source.items()]:
+      print(f'{name or "+".join(s.name for s in corpus.sources)}/{config.data.eval_split} at '
+            f'step {step}: ' + ', '.join(
+                f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in result.items()))
   if jax.process_index() == 0:
     path = epath.Path(FLAGS.workdir) / f'eval_step{step}.json'
     path.write_text(json.dumps(results, indent=2))

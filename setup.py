@@ -24,6 +24,8 @@ setuptools.setup(
         'numpy>=2.0',
         'tqdm>=4.67',  # progress bar
         'safetensors>=0.4',  # Hugging Face weights (llama_jax.convert)
+        'pyarrow>=14',  # .parquet corpora (llama_jax.data.prepare)
+        'zstandard>=0.23',  # .jsonl.zst corpora (llama_jax.data.prepare)
         'tensorboardX>=2.6.5',  # TensorBoard event files without TensorFlow
     ],
     extras_require={

@@ -76,7 +76,9 @@ def get_config():
   optim.clip_norm = 1.0  # global gradient-norm clipping
 
   config.data = data = ml_collections.ConfigDict()
-  data.name = 'builtin_text'  # a TFDS name ('c4/en:3.1.0') or builtin_text (local text folder)
+  data.name = 'builtin_text'  # a TFDS name ('c4/en:3.1.0'), builtin_text, or prepared:FOLDER
+  # Several sources: {name: {'dataset': like data.name, 'weight': relative}}; empty: data.name
+  data.mixture = ml_collections.ConfigDict()
   data.data_dir = '~/tensorflow_datasets'  # TFDS data dir: a local path or gs:// bucket
   data.text_dir = ''  # builtin_text input folder of .txt/.jsonl/.py files; '' = Python stdlib
   data.text_feature = 'text'  # the feature holding the document text

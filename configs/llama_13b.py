@@ -1,6 +1,6 @@
 """LLaMA-13B as in the paper's Table 2: dim 5120, 40 heads, 40 layers, lr 3e-4, 4M-token batch."""
 
-from configs import default
+from configs import default, llama_data
 
 
 def get_config():
@@ -10,4 +10,5 @@ def get_config():
   config.model.n_layers = 40
   config.model.norm_eps = 1e-6
   config.optim.learning_rate = 3e-4
+  config.data.mixture = llama_data.mixture()  # Table 1 (configs/llama_data.py)
   return config

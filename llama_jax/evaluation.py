@@ -17,6 +17,7 @@ from flax import nnx
 from llama_jax import checkpoint as checkpoint_lib
 from llama_jax import model as model_lib
 from llama_jax import steps
+from llama_jax.data import pipeline
 from llama_jax.errors import UserError
 
 
@@ -83,6 +84,28 @@ def perplexity(eval_step, params, batches, n_batches: int, token_bytes) -> dict:
       'bits_per_byte': nll / math.log(2) / n_bytes,
       'tokens': int(weight)
   }
+
+
+def perplexity_by_source(config, eval_step, params, corpus, tokenizer, rows: range, batch_sharding,
+                         token_bytes) -> dict:
+  """{'': perplexity of the mixture of the sources' eval splits, NAME: of each source}
+  (the per-source entries only when there are several), `train.eval_batches` each."""
+  def of(documents, weights):
+    host = iter(pipeline.host_batches(config, documents, weights, tokenizer, rows, shuffle=False))
+    batches = pipeline.global_batches(host, batch_sharding, config.train.batch_size, rows)
+    return perplexity(eval_step, params, batches, config.train.eval_batches, token_bytes)
+
+  held_out = [(source, documents)
+              for source, documents in zip(corpus.sources, corpus.eval)
+              if documents is not None]
+  if not held_out:
+    raise UserError('no source has held-out documents to evaluate on; set train.eval_every=0 '
+                    'or give data.eval_split a split with documents.')
+  results = {'': of([d for _, d in held_out], [s.weight for s, _ in held_out])}
+  if len(corpus.sources) > 1:
+    for source, documents in held_out:
+      results[source.name] = of([documents], [1.0])
+  return results
 
 
 @nnx.jit

@@ -27,7 +27,7 @@ from llama_jax import processes
 from llama_jax import sharding as sharding_lib
 from llama_jax import steps
 from llama_jax import watchdog as watchdog_lib
-from llama_jax.data import pipeline, sources
+from llama_jax.data import mixture, pipeline
 from llama_jax.data import tokenizer as tokenizer_lib
 from llama_jax.errors import UserError
 
@@ -133,20 +133,22 @@ def _wait_for_saves(manager, checkpoint_dir) -> None:
 class Data:
   """This process's view of the data: its rows of the global batch and their streams."""
   rows: range  # the global batch rows this process loads
+  corpus: mixture.Corpus  # the sources, their weights and documents
   train_iterator: object  # host batches of the train split (its state is checkpointed)
-  eval_source: object
+  progress: pipeline.Progress  # epochs read per source
   tokenizer: object
   token_bytes: jax.Array  # [vocab] UTF-8 bytes per token, for bits per byte
 
 
 def _open_data(config, experiment: experiment_lib.Experiment) -> Data:
-  builder, train_source, eval_source = sources.open_sources(config.data)
-  tokenizer = tokenizer_lib.for_data(config.data, experiment.model_config.vocab_size, builder,
-                                     train_source)
+  corpus = mixture.open_corpus(config.data)
+  tokenizer = tokenizer_lib.for_data(config.data, experiment.model_config.vocab_size, corpus)
   rows = sharding_lib.rows_of_process(experiment.batch_sharding, config.train.batch_size)
+  progress = pipeline.Progress([len(documents) for documents in corpus.train])
   train_iterator = iter(
-      pipeline.host_batches(config, train_source, tokenizer, rows, config.data.shuffle))
-  return Data(rows, train_iterator, eval_source, tokenizer,
+      pipeline.host_batches(config, corpus.train, corpus.weights, tokenizer, rows,
+                            config.data.shuffle, progress))
+  return Data(rows, corpus, train_iterator, progress, tokenizer,
               jnp.asarray(evaluation.byte_lengths(tokenizer)))
 
 
@@ -175,13 +177,13 @@ def _restore_or_initialize(config, experiment, manager, checkpoint_dir, workdir,
 
 
 def _validation(config, experiment, params, data: Data) -> dict:
-  """Loss, perplexity and bits per byte on `train.eval_batches` validation batches."""
-  host = iter(
-      pipeline.host_batches(config, data.eval_source, data.tokenizer, data.rows, shuffle=False))
-  batches = pipeline.global_batches(host, experiment.batch_sharding, config.train.batch_size,
-                                    data.rows)
-  return evaluation.perplexity(experiment.eval_step, params, batches, config.train.eval_batches,
-                               data.token_bytes)
+  """The logged validation row: loss and bits per byte of the mixture, loss per source."""
+  results = evaluation.perplexity_by_source(config, experiment.eval_step, params, data.corpus,
+                                            data.tokenizer, data.rows, experiment.batch_sharding,
+                                            data.token_bytes)
+  row = {'eval_loss': results['']['loss'], 'eval_bits_per_byte': results['']['bits_per_byte']}
+  row.update({f'eval_loss/{name}': result['loss'] for name, result in results.items() if name})
+  return row
 
 
 def _metrics_row(metrics, steps_done: int, seconds: float, tokens_per_step: int,
@@ -287,7 +289,11 @@ def _loop(config, experiment, state, start, data: Data, manager, checkpoint_dir,
         if logging_step:
           last = _metrics_row(metrics, *timer.lap(), batch_size * seq_len, flops_per_token,
                               len(devices), peak)
-          writer.write(done, {**last, **goodput.row()})
+          epochs = {
+              f'data/epochs/{source.name}': epochs
+              for source, epochs in zip(data.corpus.sources, data.progress.epochs())
+          }
+          writer.write(done, {**last, **epochs, **goodput.row()})
           bar.set_postfix(_progress(last))
           if int(metrics['bad_steps']) >= train_config.max_bad_steps:
             raise UserError(f'{int(metrics["bad_steps"])} consecutive steps had a non-finite '
@@ -298,12 +304,9 @@ def _loop(config, experiment, state, start, data: Data, manager, checkpoint_dir,
                                         done == train_config.steps):
           with timer.paused(), goodput.timing('evaluation'):  # not training throughput
             validation = _validation(config, experiment, state.params, data)
-          last['eval_loss'] = validation['loss']
-          writer.write(done, {
-              'eval_loss': validation['loss'],
-              'eval_bits_per_byte': validation['bits_per_byte']
-          })
-          bar.write(f'step {done}: eval_loss {validation["loss"]:.4f}')
+          last.update(validation)
+          writer.write(done, validation)
+          bar.write(f'step {done}: ' + ', '.join(f'{k} {v:.4f}' for k, v in validation.items()))
 
         stopping = stop_request.should_stop(logging_step)
         if done % config.checkpoint.every_steps == 0 or done == train_config.steps or stopping:

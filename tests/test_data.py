@@ -6,9 +6,16 @@ import os
 import numpy as np
 import pytest
 
+from configs import default
 from llama_jax.data import builtin_text, pipeline, sources
 from llama_jax.data import tokenizer as tokenizer_lib
 from llama_jax.errors import UserError
+
+
+def data_config(**values):
+  config = default.get_config().data
+  config.update(values)
+  return config
 
 
 @pytest.fixture(scope='module')
@@ -18,8 +25,9 @@ def corpus(tmp_path_factory, write_corpus):
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   builder = sources.dataset_builder('builtin_text', data_dir, text_dir)
   sources.prepare(builder)
-  train = sources.open_split(builder, 'train', 'text')
-  documents = [train[i]['text'].decode() for i in range(len(train))]
+  train = sources.documents('builtin_text', data_config(data_dir=data_dir, text_dir=text_dir),
+                            'train')
+  documents = [train[i] for i in range(len(train))]
   tokenizer = tokenizer_lib.train(documents, 400, os.path.join(data_dir, 'tok.model'))
   return dict(text_dir=text_dir, data_dir=data_dir, builder=builder, train=train,
               tokenizer=tokenizer, documents=documents)
@@ -72,7 +80,7 @@ def test_missing_and_corrupt_tokenizer_files(tmp_path):
 
 
 def make_batches(corpus, rows, batch_size=4, seq_len=32, shuffle=True):
-  return pipeline.batches(corpus['train'], text_feature='text', tokenizer=corpus['tokenizer'],
+  return pipeline.batches([corpus['train']], [1.0], tokenizer=corpus['tokenizer'],
                           batch_size=batch_size, rows=rows, seq_len=seq_len, seed=3,
                           shuffle=shuffle, prefetch=2)
 
@@ -146,8 +154,8 @@ def test_resume_gives_the_batches_of_an_uninterrupted_run(corpus):
 
 def test_epochs_reshuffle(corpus):
   documents = len(corpus['documents'])
-  dataset = pipeline.batches(corpus['train'], text_feature='text', tokenizer=corpus['tokenizer'],
-                             batch_size=1, rows=range(1), seq_len=4096, seed=0, prefetch=0)
+  dataset = pipeline.batches([corpus['train']], [1.0], tokenizer=corpus['tokenizer'], batch_size=1,
+                             rows=range(1), seq_len=4096, seed=0, prefetch=0)
   # One row, long sequences: the first token of each document appears in document order.
   bos = corpus['tokenizer'].bos_id()
   iterator = iter(dataset)

@@ -15,7 +15,7 @@ from llama_jax import convert, evaluation, generate, train_loop
 from llama_jax import experiment as experiment_lib
 from llama_jax import model as model_lib
 from llama_jax import sharding as sharding_lib
-from llama_jax.data import pipeline, sources
+from llama_jax.data import mixture, pipeline
 from llama_jax.data import tokenizer as tokenizer_lib
 from llama_jax.errors import UserError
 
@@ -36,8 +36,7 @@ def run(tmp_path_factory, corpus_dirs, small_config):
           'train.eval_every': 12
       })
   last = train_loop.train(config, workdir)
-  builder = sources.dataset_builder('builtin_text', data_dir, text_dir)
-  tokenizer = tokenizer_lib.for_data(config.data, config.model.vocab_size, builder)
+  tokenizer = tokenizer_lib.for_data(config.data, config.model.vocab_size)
   return dict(workdir=workdir, config=config, eval_loss=last['eval_loss'], tokenizer=tokenizer,
               overrides={
                   'data.data_dir': data_dir,
@@ -63,12 +62,10 @@ def restored(run, devices, mesh_sizes, bfloat16=False, **overrides):
 def perplexity(run, **overrides):
   """eval.py's perplexity of the run's checkpoint on one device."""
   _, config, experiment, params = restored(run, jax.devices()[:1], (1, 1, 1, 1), **overrides)
-  _, _, eval_source = sources.open_sources(config.data)
-  rows = range(config.train.batch_size)
-  host = iter(pipeline.host_batches(config, eval_source, run['tokenizer'], rows, shuffle=False))
-  batches = pipeline.global_batches(host, experiment.batch_sharding, len(rows), rows)
-  return evaluation.perplexity(experiment.eval_step, params, batches, config.train.eval_batches,
-                               jax.numpy.asarray(evaluation.byte_lengths(run['tokenizer'])))
+  return evaluation.perplexity_by_source(
+      config, experiment.eval_step, params, mixture.open_corpus(config.data), run['tokenizer'],
+      range(config.train.batch_size), experiment.batch_sharding,
+      jax.numpy.asarray(evaluation.byte_lengths(run['tokenizer'])))['']
 
 
 def test_restores_onto_any_mesh(run):
@@ -100,9 +97,10 @@ def test_perplexity_follows_the_segment_mask_setting(run):
   masked = perplexity(run, **longer)
   unmasked = perplexity(run, **longer, **{'data.segment_mask': False})
   model, config, _, _ = restored(run, jax.devices()[:1], (1, 1, 1, 1), **longer)
-  _, _, eval_source = sources.open_sources(config.data)
+  corpus = mixture.open_corpus(config.data)
   rows = range(config.train.batch_size)
-  host = iter(pipeline.host_batches(config, eval_source, run['tokenizer'], rows, shuffle=False))
+  host = iter(
+      pipeline.host_batches(config, corpus.eval, [1.0], run['tokenizer'], rows, shuffle=False))
   nll = weight = documents = 0.0
   for _ in range(config.train.eval_batches):
     batch = next(host)

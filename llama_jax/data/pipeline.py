@@ -1,25 +1,52 @@
 """Packed, shuffled, per-host and resumable batches of token sequences, built with grain.
 
-The global batch has `batch_size` rows. Row r is its own stream: documents r, r + B,
-r + 2B, ... of the shuffled (and every epoch reshuffled) document order, each tokenized
-as BOS ... EOS, concatenated and cut into sequences of seq_len + 1 tokens. A host loads
-only its own rows, so the global batch at step k is the same on 1 host or 64, and
+The global batch has `batch_size` rows. Row r is its own stream of documents, drawn from
+the sources in proportion to their weights (mixture.row_documents: of each source, the
+documents r, r + B, r + 2B, ... of its shuffled, every epoch reshuffled order), each
+tokenized as BOS ... EOS, concatenated and cut into sequences of seq_len + 1 tokens. A host
+loads only its own rows, so the global batch at step k is the same on 1 host or 64, and
 resuming needs only each row's small position (the grain iterator state).
 """
+
+import threading
 
 import grain
 import numpy as np
 
 from llama_jax import sharding as sharding_lib
+from llama_jax.data import mixture
 from llama_jax.data import tokenizer as tokenizer_lib
 
 
-def _row_stream(documents, tokenizer, row, batch_size, seq_len):
+class Progress:
+  """How far the loader has read into each source: its epochs, as of the documents read."""
+  def __init__(self, lengths: list[int]):
+    self.lengths = lengths
+    self.furthest = [-1] * len(lengths)  # the furthest position read per source
+    self._lock = threading.Lock()
+
+  def read(self, source: int, position: int) -> None:
+    with self._lock:
+      self.furthest[source] = max(self.furthest[source], position)
+
+  def epochs(self) -> list[float]:
+    """Epochs read per source: 1.5 is halfway through the second pass."""
+    return [(furthest + 1) / length for furthest, length in zip(self.furthest, self.lengths)]
+
+
+def _row_stream(documents, weights, tokenizer, row, batch_size, seq_len, seed, shuffle, progress):
   """[seq_len + 1] token sequences of one batch row, with segment ids and positions."""
-  tokenized = documents[row::batch_size].map(
-      lambda text: {'tokens': np.asarray(tokenizer_lib.encode_document(tokenizer, text), np.int32)})
+  def tokenize(document):
+    source, position, text = document
+    if progress is not None:
+      progress.read(source, position)
+    return {'tokens': np.asarray(tokenizer_lib.encode_document(tokenizer, text), np.int32)}
+
+  stream = mixture.row_documents(documents, weights, row=row, batch_size=batch_size, seed=seed,
+                                 shuffle=shuffle)
   # Rows read synchronously: one background thread prefetches whole batches instead.
-  rows = tokenized.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  rows = stream.map(tokenize).to_iter_dataset(
+      grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   return grain.experimental.ConcatThenSplitIterDataset(rows, length_struct={'tokens': seq_len + 1})
 
 
@@ -38,31 +65,30 @@ def _to_batch(rows):
   }
 
 
-def batches(source, *, text_feature, tokenizer, batch_size, rows, seq_len, seed, shuffle=True,
-            prefetch=4) -> grain.IterDataset:
+def batches(documents: list, weights, *, tokenizer, batch_size, rows, seq_len, seed, shuffle=True,
+            prefetch=4, progress: Progress | None = None) -> grain.IterDataset:
   """Batches of rows `rows` (this host's share) of a `batch_size`-row global batch.
 
-  source: random-access documents (a TFDS data source). Each batch is a dict of
-  [len(rows), seq_len] arrays: inputs, targets, segment_ids, positions, weights.
+  documents: one random-access MapDataset of str per source; weights: theirs. Each batch
+  is a dict of [len(rows), seq_len] arrays: inputs, targets, segment_ids, positions,
+  weights. `progress`, if given, follows how far the sources have been read.
   """
-  documents = grain.MapDataset.source(source).map(
-      lambda example: example[text_feature].decode('utf-8', errors='replace')
-      if isinstance(example[text_feature], bytes) else example[text_feature])
-  if shuffle:
-    documents = documents.shuffle(seed=seed)
-  documents = documents.repeat()  # a new shuffle every epoch
-  streams = [_row_stream(documents, tokenizer, row, batch_size, seq_len) for row in rows]
+  streams = [
+      _row_stream(documents, weights, tokenizer, row, batch_size, seq_len, seed, shuffle, progress)
+      for row in rows
+  ]
   dataset = grain.experimental.ZipIterDataset(streams).map(_to_batch)
   if prefetch:
     dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=prefetch)
   return dataset
 
 
-def host_batches(config, source, tokenizer, rows: range, shuffle: bool) -> grain.IterDataset:
-  """This process's rows of the global batches of `source`, as `config` sets them up."""
-  return batches(source, text_feature=config.data.text_feature, tokenizer=tokenizer,
-                 batch_size=config.train.batch_size, rows=rows, seq_len=config.train.seq_len,
-                 seed=config.train.seed, shuffle=shuffle, prefetch=config.data.prefetch)
+def host_batches(config, documents: list, weights, tokenizer, rows: range, shuffle: bool,
+                 progress: Progress | None = None) -> grain.IterDataset:
+  """This process's rows of the global batches of `documents`, as `config` sets them up."""
+  return batches(documents, weights, tokenizer=tokenizer, batch_size=config.train.batch_size,
+                 rows=rows, seq_len=config.train.seq_len, seed=config.train.seed, shuffle=shuffle,
+                 prefetch=config.data.prefetch, progress=progress)
 
 
 def global_batches(host_iterator, batch_sharding, batch_size: int, rows: range):

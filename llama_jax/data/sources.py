@@ -1,14 +1,20 @@
-"""Random-access document sources through TFDS (ArrayRecord files, no TensorFlow)."""
+"""Random-access documents: TFDS datasets and prepared corpora (ArrayRecord, no TensorFlow).
+
+A dataset is named by a string: `builtin_text` (a local text folder, llama_jax.data.
+builtin_text), a TFDS catalog name prepared in ArrayRecord format (`c4/en:3.1.0`), or
+`prepared:FOLDER`, the output of `python -m llama_jax.data.prepare`.
+"""
 
 import os
 
-import jax
+import grain
 import tensorflow_datasets as tfds
 from etils import epath
 
-from llama_jax import processes
 from llama_jax.data import builtin_text
 from llama_jax.errors import UserError
+
+PREPARED = 'prepared:'
 
 
 def dataset_builder(name: str, data_dir: str, text_dir: str = ''):
@@ -48,7 +54,7 @@ def prepare(builder) -> None:
 
 
 def open_split(builder, split: str, text_feature: str):
-  """A random-access source whose items are documents (str)."""
+  """A random-access source whose items are TFDS examples holding `text_feature`."""
   if split not in builder.info.splits:
     raise UserError(f'dataset {builder.name} has no split {split!r}; it has '
                     f'{", ".join(sorted(builder.info.splits))}.')
@@ -63,14 +69,55 @@ def open_split(builder, split: str, text_feature: str):
   return builder.as_data_source(split, file_format='array_record')
 
 
-def open_sources(data_config):
-  """(builder, train source, eval source) of `data_config`; process 0 prepares the
-  dataset once while the others wait."""
-  if jax.process_index() == 0:
-    prepare(dataset_builder(data_config.name, data_config.data_dir, data_config.text_dir))
-  processes.sync('dataset prepared')
-  builder = dataset_builder(data_config.name, data_config.data_dir, data_config.text_dir)
-  if not builder.is_prepared():  # a catalog dataset that no one has built: say how to
-    prepare(builder)
-  return (builder, open_split(builder, data_config.train_split, data_config.text_feature),
-          open_split(builder, data_config.eval_split, data_config.text_feature))
+def prepared_folder(dataset: str, data_dir: str) -> epath.Path:
+  """The folder of a `prepared:FOLDER` dataset (relative folders are under data.data_dir)."""
+  folder = dataset.removeprefix(PREPARED)
+  if '://' in folder or os.path.isabs(os.path.expanduser(folder)):
+    return epath.Path(os.path.expanduser(folder))
+  return epath.Path(os.path.expanduser(data_dir)) / folder
+
+
+def _prepared_files(dataset: str, data_dir: str, split: str) -> list[str]:
+  folder = prepared_folder(dataset, data_dir)
+  files = sorted(os.fspath(p) for p in (folder / split).glob('*.array_record'))
+  if not files:
+    raise UserError(f'{folder} holds no prepared {split} files; run `python -m '
+                    f'llama_jax.data.prepare --input=CORPUS --output={folder}` first.')
+  return files
+
+
+def builtin_or_catalog(dataset: str) -> bool:
+  return not dataset.startswith(PREPARED)
+
+
+def prepare_dataset(dataset: str, data_config) -> None:
+  """Builds the builtin dataset once; for the others, a clear error if they are not ready."""
+  if builtin_or_catalog(dataset):
+    prepare(dataset_builder(dataset, data_config.data_dir, data_config.text_dir))
+  else:
+    _prepared_files(dataset, data_config.data_dir, data_config.train_split)
+
+
+def documents(dataset: str, data_config, split: str) -> grain.MapDataset:
+  """The documents (str) of one split of `dataset`, by random access."""
+  if builtin_or_catalog(dataset):
+    builder = dataset_builder(dataset, data_config.data_dir, data_config.text_dir)
+    prepare(builder)  # a no-op once built; a clear error for a catalog set no one built
+    feature = data_config.text_feature
+    return grain.MapDataset.source(open_split(builder, split,
+                                              feature)).map(lambda example: _text(example[feature]))
+  files = _prepared_files(dataset, data_config.data_dir, split)
+  return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files)).map(_text)
+
+
+def _text(value) -> str:
+  return value.decode('utf-8', errors='replace') if isinstance(value, bytes) else value
+
+
+def cache_name(dataset: str, data_config) -> str:
+  """A file-name-safe name of `dataset` (for a tokenizer trained on it)."""
+  if not builtin_or_catalog(dataset):
+    return 'prepared_' + prepared_folder(dataset, data_config.data_dir).name
+  builder = dataset_builder(dataset, data_config.data_dir, data_config.text_dir)
+  name = builder.name + (f'_{builder.builder_config.name}' if builder.builder_config else '')
+  return name.replace('/', '_')

@@ -8,6 +8,7 @@ import sentencepiece as spm
 from etils import epath
 
 from llama_jax import processes
+from llama_jax.data import mixture
 from llama_jax.errors import UserError
 
 # The LLaMA settings: BPE, digits split, unknown bytes as byte tokens, no normalization.
@@ -65,28 +66,40 @@ def encode_document(tokenizer: spm.SentencePieceProcessor, text: str) -> list[in
   return [tokenizer.bos_id()] + tokenizer.encode(text) + [tokenizer.eos_id()]
 
 
-def trained_path(data_config, builder, vocab_size: int) -> str:
-  """Where the tokenizer trained for this dataset and vocabulary size is cached."""
-  name = builder.name + (f'_{builder.builder_config.name}' if builder.builder_config else '')
+def trained_path(data_config, vocab_size: int) -> str:
+  """Where the tokenizer trained for these sources and vocabulary size is cached."""
   return os.path.join(os.path.expanduser(data_config.data_dir), 'tokenizers',
-                      f'{name.replace("/", "_")}_{vocab_size}.model')
+                      f'{mixture.cache_name(data_config)}_{vocab_size}.model')
 
 
-def for_data(data_config, vocab_size: int, builder=None, train_source=None):
-  """data.tokenizer, else the one trained for `builder`'s dataset: trained now from
-  `train_source` on process 0 if it does not exist yet, an error if no source is given
-  (evaluation never trains one)."""
-  path = data_config.tokenizer or trained_path(data_config, builder, vocab_size)
+TRAINING_DOCUMENTS = 200_000  # from a mixture: the first documents of its stream
+
+
+def _training_text(corpus):
+  """A single source's train split in order; a mixture's first documents, by weight."""
+  if len(corpus.sources) == 1:
+    train = corpus.train[0]
+    return (train[i] for i in range(len(train)))
+  stream = mixture.row_documents(corpus.train, corpus.weights, row=0, batch_size=1, seed=0,
+                                 shuffle=True)
+  count = min(sum(len(d) for d in corpus.train), TRAINING_DOCUMENTS)
+  return (stream[i][2] for i in range(count))
+
+
+def for_data(data_config, vocab_size: int, corpus=None):
+  """data.tokenizer, else the one trained for these sources: trained now from `corpus` on
+  process 0 if it does not exist yet, an error without a corpus (evaluation never trains
+  one)."""
+  path = data_config.tokenizer or trained_path(data_config, vocab_size)
   if not data_config.tokenizer and not epath.Path(path).exists():
-    if train_source is None:
+    if corpus is None:
       raise UserError(f'no tokenizer: data.tokenizer is empty and none was trained for '
-                      f'{builder.name} at {path}; pass --config.data.tokenizer=PATH to the '
+                      f'these data at {path}; pass --config.data.tokenizer=PATH to the '
                       'tokenizer.model the model was trained with (converted weights ship one).')
     if jax.process_index() == 0:
-      processes.say(f'Training a {vocab_size}-token tokenizer on {builder.name} into {path}')
-      feature = data_config.text_feature
-      train((train_source[i][feature].decode('utf-8', errors='replace')
-             for i in range(len(train_source))), vocab_size, path)
+      processes.say(f'Training a {vocab_size}-token tokenizer on '
+                    f'{", ".join(s.name for s in corpus.sources)} into {path}')
+      train(_training_text(corpus), vocab_size, path)
     processes.sync('tokenizer trained')
   tokenizer = load(path)
   check_vocab(tokenizer, vocab_size, path)
