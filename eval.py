@@ -40,6 +40,12 @@ flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens; 0 = all
 flags.DEFINE_float('top_p', 1.0, 'Sample among the most likely tokens holding this mass.')
 flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 flags.DEFINE_bool('bfloat16', False, 'Restore the parameters in bfloat16 (half the memory).')
+flags.DEFINE_list('harness_tasks', [], 'lm-evaluation-harness tasks to run (the eval extra).')
+flags.DEFINE_string('harness_include_path', '', 'A folder of harness task YAML files.')
+flags.DEFINE_integer('harness_limit', None, 'At most this many examples per harness task.')
+flags.DEFINE_bool(
+    'paper_table', False, "Run the LLaMA paper's zero-shot Table 3 tasks with the "
+    'harness and print them beside the paper.')
 FLAGS = flags.FLAGS
 
 
@@ -61,7 +67,13 @@ def run():
   if FLAGS.prompts_file:
     with open(FLAGS.prompts_file) as f:
       prompts += [line.rstrip('\n') for line in f if line.strip()]
-  perplexity = not prompts and not FLAGS.task
+  harness_tasks = list(FLAGS.harness_tasks)
+  if FLAGS.paper_table:
+    harness_tasks += [
+        task for _, task, _, _ in evaluation.harness_module().PAPER_TABLE_3
+        if task not in harness_tasks
+    ]
+  perplexity = not prompts and not FLAGS.task and not harness_tasks
   corpus = mixture.open_corpus(config.data) if perplexity else None  # the only use of the data
   tokenizer = tokenizer_lib.for_data(config.data, config.model.vocab_size)  # never trains one
   results = {'step': step}
@@ -82,6 +94,16 @@ def run():
                                                  evaluation.read_task(FLAGS.task))
     print(f'{FLAGS.task}: accuracy {results["task"]["accuracy"]:.4f}, length-normalized '
           f'{results["task"]["accuracy_norm"]:.4f} over {results["task"]["examples"]} examples')
+  if harness_tasks:
+    harness = evaluation.harness_module()
+    model = harness.HarnessModel(evaluation.model_of(params, config), tokenizer)
+    results['harness'] = harness.evaluate(model, harness_tasks, FLAGS.harness_include_path,
+                                          FLAGS.harness_limit)
+    results['harness_requests_per_s'] = model.requests_per_second()
+    for task, metrics in results['harness'].items():
+      print(f'{task}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+    if FLAGS.paper_table:
+      print(harness.paper_table(results['harness'], f'{FLAGS.workdir} step {step}'))
   if perplexity:
     rows = sharding_lib.rows_of_process(experiment.batch_sharding, config.train.batch_size)
     by_source = evaluation.perplexity_by_source(config, experiment.eval_step, params, corpus,

@@ -37,9 +37,12 @@ setuptools.setup(
             'torch==2.13.0',
             'transformers>=5.0',
             'ruff>=0.17',
-            'yapf>=0.43'  # lint and format checks (pyproject.toml)
+            'yapf>=0.43',  # lint and format checks (pyproject.toml)
+            'lm-eval>=0.4.13',  # the harness adapter's tests ...
+            'accelerate>=1.0',  # ... against the harness's Hugging Face model
         ],
         'meta': ['torch>=2.0'],  # reading Meta's consolidated.*.pth checkpoints
+        'eval': ['lm-eval>=0.4.13'],  # lm-evaluation-harness tasks (llama_jax.harness)
         'tpu': ['jax[tpu]>=0.10.2'],
         'gpu': ['jax[cuda13]>=0.10.2'],
     },

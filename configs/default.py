@@ -60,6 +60,8 @@ def get_config():
   train.loss_chunks = 8  # the loss forms the logits of seq_len / loss_chunks positions at a time
   train.eval_every = 1000  # steps between validation losses; 0 disables them
   train.eval_batches = 10  # validation batches per evaluation
+  train.eval_tasks = ()  # JSONL task files or lm-eval harness task names, run at each evaluation
+  train.eval_task_dir = ''  # a folder of harness task YAML files for train.eval_tasks
   train.max_bad_steps = 10  # stop after this many consecutive non-finite losses
   train.hang_timeout_s = 3600  # no step for this long: print stacks, exit 75 to be restarted
 

@@ -3,7 +3,6 @@
 train.py's periodic validation and eval.py share `perplexity` and the jitted eval step.
 """
 
-import dataclasses
 import json
 import math
 import os
@@ -109,29 +108,50 @@ def perplexity_by_source(config, eval_step, params, corpus, tokenizer, rows: ran
 
 
 @nnx.jit
-def _continuation_logprobs(model, tokens, weights):
-  """Sum over positions of weights * log p(token[t+1] | tokens[:t+1]): [rows]."""
-  logits, _ = model(tokens[:, :-1])
+def _continuation_scores(model, tokens, weights):
+  """Per row: sum over positions of weights * log p(token[t+1] | tokens[:t+1]), and whether
+  every weighted token is the most likely one. tokens, weights: [rows, length]."""
+  logits, _ = model(tokens[:, :-1])  # [rows, length - 1, vocab]
   logp = jax.nn.log_softmax(logits, axis=-1)
-  target_logp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  return jnp.sum(target_logp * weights[:, 1:], axis=-1)
+  targets, scored = tokens[:, 1:], weights[:, 1:] > 0
+  target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  greedy = jnp.all((jnp.argmax(logits, axis=-1) == targets) | ~scored, axis=-1)
+  return jnp.sum(target_logp * weights[:, 1:], axis=-1), greedy
 
 
-@dataclasses.dataclass
-class Choice:
-  example: int
-  tokens: list[int]
-  continuation_start: int
-  characters: int
+def score_continuations(model, sequences: list[tuple[list[int], int]],
+                        batch_size: int = 16) -> list[tuple[float, bool]]:
+  """(log-likelihood, greedy) of tokens[start:] given tokens[:start], for each (tokens,
+  start); sequences of similar length are batched together, padded so that few shapes are
+  compiled. A sequence may be model.max_seq_len + 1 tokens long. Results come back in the
+  order given."""
+  order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
+  results = [None] * len(sequences)
+  for first in range(0, len(order), batch_size):
+    chunk = order[first:first + batch_size]
+    # The last token is only a target: inputs are length - 1 long, a multiple of 64.
+    length = 64 * -(-(max(len(sequences[i][0]) for i in chunk) - 1) // 64) + 1
+    tokens = np.zeros((batch_size, length), np.int32)
+    weights = np.zeros((batch_size, length), np.float32)
+    for row, index in enumerate(chunk):
+      sequence, start = sequences[index]
+      tokens[row, :len(sequence)] = sequence
+      weights[row, start:len(sequence)] = 1.0
+    scores, greedy = jax.device_get(_continuation_scores(model, tokens, weights))
+    for row, index in enumerate(chunk):
+      results[index] = (float(scores[row]), bool(greedy[row]))
+  return results
 
 
-def _continuation(tokenizer, context: str, choice: str) -> tuple[list[int], int]:
-  """BOS + context + choice tokens, and where the choice's tokens start."""
+def continuation_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
+  """BOS + context + continuation tokens, and where the continuation's tokens start
+  (tokenized together where that keeps the context's tokens, as sentencepiece may merge
+  across the boundary)."""
   context_ids = [tokenizer.bos_id()] + tokenizer.encode(context)
-  joint = [tokenizer.bos_id()] + tokenizer.encode(context + choice)
+  joint = [tokenizer.bos_id()] + tokenizer.encode(context + continuation)
   if joint[:len(context_ids)] == context_ids and len(joint) > len(context_ids):
     return joint, len(context_ids)
-  return context_ids + tokenizer.encode(choice), len(context_ids)
+  return context_ids + tokenizer.encode(continuation), len(context_ids)
 
 
 def multiple_choice(model, tokenizer, examples: list[dict], batch_size: int = 16) -> dict:
@@ -140,29 +160,20 @@ def multiple_choice(model, tokenizer, examples: list[dict], batch_size: int = 16
   examples: {"context": str, "choices": [str], "label": int}. Reports the total
   log-likelihood accuracy and the per-character normalized one (LLaMA's evaluation).
   """
-  choices = []
+  owners, sequences, characters = [], [], []
   for index, example in enumerate(examples):
     for text in example['choices']:
-      tokens, start = _continuation(tokenizer, example['context'], text)
-      choices.append(Choice(index, tokens, start, max(len(text), 1)))
-  longest = max(len(c.tokens) for c in choices)
-  length = 64 * -(-longest // 64)  # few distinct shapes: few compilations
-  scores = []
-  for first in range(0, len(choices), batch_size):
-    chunk = choices[first:first + batch_size]
-    tokens = np.zeros((batch_size, length), np.int32)
-    weights = np.zeros((batch_size, length), np.float32)
-    for row, choice in enumerate(chunk):
-      tokens[row, :len(choice.tokens)] = choice.tokens
-      weights[row, choice.continuation_start:len(choice.tokens)] = 1.0
-    scores += np.asarray(_continuation_logprobs(model, tokens, weights))[:len(chunk)].tolist()
+      owners.append(index)
+      sequences.append(continuation_tokens(tokenizer, example['context'], text))
+      characters.append(max(len(text), 1))
+  scores = [score for score, _ in score_continuations(model, sequences, batch_size)]
   by_example = [[] for _ in examples]
-  for score, choice in zip(scores, choices):
-    by_example[choice.example].append((score, choice))
+  for owner, score, length in zip(owners, scores, characters):
+    by_example[owner].append((score, length))
   correct = correct_norm = 0
   for example, mine in zip(examples, by_example):
     correct += int(np.argmax([s for s, _ in mine]) == example['label'])
-    correct_norm += int(np.argmax([s / c.characters for s, c in mine]) == example['label'])
+    correct_norm += int(np.argmax([s / n for s, n in mine]) == example['label'])
   return {
       'accuracy': correct / len(examples),
       'accuracy_norm': correct_norm / len(examples),
@@ -186,3 +197,44 @@ def read_task(path: str) -> list[dict]:
                         'indexes the choices.')
       examples.append(example)
   return examples
+
+
+def harness_module():
+  """llama_jax.harness (the eval extra), or one sentence saying how to install it."""
+  try:
+    from llama_jax import harness
+  except ImportError:
+    raise UserError("harness tasks need lm-eval: pip install -e '.[eval]'.") from None
+  return harness
+
+
+def check_tasks(tasks, task_dir: str = '') -> None:
+  """One clear error now, not hours into a run, for a task that cannot be run."""
+  for task in tasks:
+    if task.endswith('.jsonl'):
+      read_task(task)
+  names = [task for task in tasks if not task.endswith('.jsonl')]
+  if names:
+    harness_module().check_names(names, task_dir)
+
+
+def run_tasks(model, tokenizer, tasks, task_dir: str = '') -> dict:
+  """{'task/NAME/METRIC': value} for JSONL task files (our multiple choice; NAME is the
+  file's name without .jsonl) and lm-evaluation-harness tasks (YAML under task_dir or the
+  harness's own)."""
+  row = {}
+  for task in tasks:
+    if task.endswith('.jsonl'):
+      result = multiple_choice(model, tokenizer, read_task(task))
+      name = os.path.basename(task).removesuffix('.jsonl')
+      row[f'task/{name}/accuracy'] = result['accuracy']
+      row[f'task/{name}/accuracy_norm'] = result['accuracy_norm']
+  names = [task for task in tasks if not task.endswith('.jsonl')]
+  if names:
+    harness = harness_module()
+    results = harness.evaluate(harness.HarnessModel(model, tokenizer), names, task_dir)
+    row.update({
+        f'task/{name}/{metric}': value for name, metrics in results.items()
+        for metric, value in metrics.items()
+    })
+  return row

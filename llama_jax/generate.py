@@ -44,8 +44,9 @@ def sample(logits, rng, sampling: Sampling):
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0):
-  """tokens, segment_ids, positions: [batch, longest prompt], padding on the left."""
-  length = max(len(p) for p in prompts)
+  """tokens, segment_ids, positions: [batch, longest prompt rounded up to a multiple of 64
+  (few shapes, few compilations)], padding on the left."""
+  length = 64 * -(-max(len(p) for p in prompts) // 64)
   tokens = np.full((len(prompts), length), pad_id, np.int32)
   segment_ids = np.zeros((len(prompts), length), np.int32)
   for row, prompt in enumerate(prompts):

@@ -183,6 +183,10 @@ def _validation(config, experiment, params, data: Data) -> dict:
                                             data.token_bytes)
   row = {'eval_loss': results['']['loss'], 'eval_bits_per_byte': results['']['bits_per_byte']}
   row.update({f'eval_loss/{name}': result['loss'] for name, result in results.items() if name})
+  if config.train.eval_tasks:
+    row.update(
+        evaluation.run_tasks(evaluation.model_of(params, config), data.tokenizer,
+                             config.train.eval_tasks, config.train.eval_task_dir))
   return row
 
 
@@ -220,6 +224,7 @@ def train(config, workdir: str) -> dict:
   with goodput.timing('startup'):
     devices = jax.devices()
     experiment = experiment_lib.build(config, devices)
+    evaluation.check_tasks(config.train.eval_tasks, config.train.eval_task_dir)
     _check_workdir(workdir)
     data = _open_data(config, experiment)
     checkpoint_dir = checkpoint_lib.directory_of(workdir, config.checkpoint.directory)

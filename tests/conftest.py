@@ -128,3 +128,29 @@ def train_command():
   """train_command(text_dir, data_dir, workdir, **{'group.key': value}): `python train.py`
   with small_config's model as flags (run it from the repository root)."""
   return _train_command
+
+
+def _make_hf_model(folder, n_kv_heads=4, rope_theta=10000.0, seed=0):
+  import torch
+  import transformers
+  config = transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=n_kv_heads,
+                                    vocab_size=102, rope_theta=rope_theta,
+                                    max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=1,
+                                    eos_token_id=2)
+  torch.manual_seed(seed)
+  model = transformers.LlamaForCausalLM(config).eval()
+  with torch.no_grad():  # weights large enough that a wrong layout shows in the logits
+    for name, param in model.named_parameters():
+      param.copy_(1 + 0.2 * torch.randn_like(param) if 'norm' in name else 0.15 *
+                  torch.randn_like(param))
+  model.save_pretrained(folder)
+  return model
+
+
+@pytest.fixture(scope='session')
+def make_hf_model():
+  """make_hf_model(folder, n_kv_heads=4, rope_theta=1e4, seed=0): a small random Hugging
+  Face LlamaForCausalLM (vocab 102, weights large enough to show a wrong layout), saved in
+  `folder`."""
+  return _make_hf_model

@@ -15,22 +15,6 @@ from llama_jax import model as model_lib
 from llama_jax.errors import UserError
 
 
-def make_hf_model(folder, n_kv_heads=4, rope_theta=10000.0, seed=0):
-  config = transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=n_kv_heads,
-                                    vocab_size=102, rope_theta=rope_theta,
-                                    max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=1,
-                                    eos_token_id=2)
-  torch.manual_seed(seed)
-  model = transformers.LlamaForCausalLM(config).eval()
-  with torch.no_grad():  # weights large enough that a wrong layout shows in the logits
-    for name, param in model.named_parameters():
-      param.copy_(1 + 0.2 * torch.randn_like(param) if 'norm' in name else 0.15 *
-                  torch.randn_like(param))
-  model.save_pretrained(folder)
-  return model
-
-
 def our_model(folder):
   config, params = convert.read_orbax(folder)
   model = model_lib.Transformer(config, rngs=nnx.Rngs(0))
@@ -52,13 +36,13 @@ def assert_same_logits(ours, hf_model):
 
 
 @pytest.mark.parametrize('n_kv_heads,rope_theta', [(4, 10000.0), (2, 500000.0), (1, 1234.5)])
-def test_hugging_face_logits_match(tmp_path, n_kv_heads, rope_theta):
+def test_hugging_face_logits_match(tmp_path, n_kv_heads, rope_theta, make_hf_model):
   hf_model = make_hf_model(tmp_path / 'hf', n_kv_heads, rope_theta)
   convert.write_orbax(*convert.read_hf(str(tmp_path / 'hf')), str(tmp_path / 'ours'))
   assert_same_logits(our_model(str(tmp_path / 'ours')), hf_model)
 
 
-def test_old_style_rope_theta_key(tmp_path):
+def test_old_style_rope_theta_key(tmp_path, make_hf_model):
   hf_model = make_hf_model(tmp_path / 'hf', 2, 2500.0)
   path = tmp_path / 'hf' / 'config.json'
   config = json.loads(path.read_text())
@@ -68,7 +52,7 @@ def test_old_style_rope_theta_key(tmp_path):
   assert_same_logits(our_model(str(tmp_path / 'ours')), hf_model)
 
 
-def test_round_trip_hf_orbax_hf_is_identical(tmp_path):
+def test_round_trip_hf_orbax_hf_is_identical(tmp_path, make_hf_model):
   make_hf_model(tmp_path / 'hf', 2)
   convert.write_orbax(*convert.read_hf(str(tmp_path / 'hf')), str(tmp_path / 'ours'))
   convert.write_hf(*convert.read_orbax(str(tmp_path / 'ours')), str(tmp_path / 'back'))
@@ -132,7 +116,7 @@ def write_meta_checkpoint(hf_model, folder, shards=2):
         }, f)
 
 
-def test_meta_two_shard_checkpoint_matches_hugging_face(tmp_path):
+def test_meta_two_shard_checkpoint_matches_hugging_face(tmp_path, make_hf_model):
   hf_model = make_hf_model(tmp_path / 'hf', n_kv_heads=2, rope_theta=5000.0)
   hf_model.config.vocab_size = 102
   write_meta_checkpoint(hf_model, str(tmp_path / 'meta'))
@@ -140,7 +124,7 @@ def test_meta_two_shard_checkpoint_matches_hugging_face(tmp_path):
   assert_same_logits(our_model(str(tmp_path / 'ours')), hf_model)
 
 
-def test_greedy_generation_matches_transformers(tmp_path):
+def test_greedy_generation_matches_transformers(tmp_path, make_hf_model):
   hf_model = make_hf_model(tmp_path / 'hf', 2)
   convert.write_orbax(*convert.read_hf(str(tmp_path / 'hf')), str(tmp_path / 'ours'))
   ours = our_model(str(tmp_path / 'ours'))
@@ -158,7 +142,7 @@ def snapshot(folder):
   return {p: os.stat(os.path.join(folder, p)).st_mtime_ns for p in sorted(os.listdir(folder))}
 
 
-def test_bad_sources_are_clear_errors_and_stay_untouched(tmp_path):
+def test_bad_sources_are_clear_errors_and_stay_untouched(tmp_path, make_hf_model):
   hf_model = make_hf_model(tmp_path / 'hf')
   path = tmp_path / 'hf' / 'config.json'
   config = json.loads(path.read_text())

@@ -1,0 +1,215 @@
+"""lm-evaluation-harness on our model: each request kind against a naive computation, parity
+with the harness's own Hugging Face model, a local task, evaluation during training."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tokenizers
+import transformers
+from flax import nnx
+
+from llama_jax import convert, evaluation, harness, train_loop
+from llama_jax import model as model_lib
+from llama_jax.data import tokenizer as tokenizer_lib
+from llama_jax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASK = os.path.join(REPO, 'tests', 'example_task.jsonl')
+os.environ.setdefault('HF_DATASETS_OFFLINE', '1')  # the harness's datasets: local files only
+
+
+@pytest.fixture(scope='module')
+def tokenizer(tmp_path_factory, corpus_dirs):
+  documents = []
+  for root, _, files in os.walk(corpus_dirs[0]):
+    documents += [open(os.path.join(root, f), encoding='utf-8').read() for f in files]
+  documents += [json.dumps(json.loads(line)) for line in open(TASK)]
+  return tokenizer_lib.train(documents, 512, str(tmp_path_factory.mktemp('tok') / 'tok.model'))
+
+
+@pytest.fixture(scope='module')
+def model():
+  config = model_lib.ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
+                                 multiple_of=16, max_seq_len=64, dtype='float32')
+  return model_lib.Transformer(config, rngs=nnx.Rngs(3))
+
+
+class Request:  # what the harness hands a model: an Instance's args
+  def __init__(self, *args):
+    self.args = args
+
+
+def naive_scores(model, tokens, start):
+  """log p(tokens[start:] | tokens[:start]) and greedy, from one unpadded forward pass."""
+  logits = np.asarray(model(np.array([tokens[:-1]]))[0][0], np.float64)
+  top = logits.max(-1, keepdims=True)
+  logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+  positions = range(start, len(tokens))
+  return (sum(logp[t - 1, tokens[t]] for t in positions),
+          all(logp[t - 1].argmax() == tokens[t] for t in positions))
+
+
+def test_loglikelihood_equals_a_naive_forward_pass(model, tokenizer):
+  requests = [
+      Request('def add(a, b):\n    return', ' a + b'),
+      Request('', 'alpha beta'),
+      Request('for i in range(10):', ' print(i)'),
+      Request('x' * 200, ' y')
+  ]  # longer than the model: the context is cut, on the left
+  got = harness.HarnessModel(model, tokenizer, batch_size=4).loglikelihood(requests)
+  for request, (score, greedy) in zip(requests, got):
+    tokens, start = evaluation.continuation_tokens(tokenizer, *request.args)
+    tokens, start = tokens[-65:], max(start - max(len(tokens) - 65, 0), 1)
+    want_score, want_greedy = naive_scores(model, tokens, start)
+    assert score == pytest.approx(want_score, abs=1e-4) and greedy == want_greedy
+
+
+def test_rolling_loglikelihood_scores_every_token_once(model, tokenizer):
+  from lm_eval import utils
+  short, long = 'def f(x):\n    return x + 1\n', 'alpha beta gamma delta ' * 40
+  got = harness.HarnessModel(model,
+                             tokenizer).loglikelihood_rolling([Request(short),
+                                                               Request(long)])
+  tokens = [tokenizer.bos_id()] + tokenizer.encode(short)
+  assert got[0] == pytest.approx(naive_scores(model, tokens, 1)[0], abs=1e-4)
+  ids = tokenizer.encode(long)
+  assert len(ids) > 64  # several windows of the model's 64 tokens
+  # The harness's windows, each scored by a naive forward pass: every token exactly once.
+  windows = [
+      utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
+          token_list=ids, prefix_token=tokenizer.bos_id(), max_seq_len=64, context_len=1)
+  ]
+  assert sum(len(continuation) for _, continuation in windows) == len(ids)
+  want = sum(naive_scores(model, c + x, len(c))[0] for c, x in windows)
+  assert got[1] == pytest.approx(want, abs=1e-3)
+
+
+def naive_greedy(model, tokenizer, prompt, new_tokens):
+  tokens = [tokenizer.bos_id()] + tokenizer.encode(prompt)
+  for _ in range(new_tokens):
+    logits = np.asarray(model(np.array([tokens]))[0][0, -1])
+    tokens.append(int(logits.argmax()))
+    if tokens[-1] == tokenizer.eos_id():
+      break
+  generated = tokens[len(tokenizer.encode(prompt)) + 1:]
+  if generated and generated[-1] == tokenizer.eos_id():
+    generated = generated[:-1]
+  return tokenizer.decode(generated)
+
+
+@pytest.mark.slow
+def test_generate_until_is_greedy_and_stops_at_the_strings(model, tokenizer):
+  prompts = ['def add(a, b):', 'for i in']
+  plain = [naive_greedy(model, tokenizer, p, 12) for p in prompts]
+  assert all(plain)
+  stop = plain[0][3:5]  # a string the greedy continuation contains
+  requests = [Request(p, {'until': [stop], 'max_gen_toks': 12}) for p in prompts]
+  got = harness.HarnessModel(model, tokenizer, batch_size=2).generate_until(requests)
+  for text, want in zip(got, plain):
+    cut = want.find(stop)
+    assert text == (want if cut < 0 else want[:cut])
+  assert stop not in got[0] and len(got[0]) < len(plain[0])
+
+
+def test_token_loglikelihoods_equal_the_harness_hugging_face_model(make_hf_model, tmp_path):
+  from lm_eval.models.huggingface import HFLM
+  hf_model = make_hf_model(tmp_path / 'hf', n_kv_heads=2)
+  config, params = convert.read_hf(str(tmp_path / 'hf'))
+  ours = model_lib.Transformer(config, rngs=nnx.Rngs(0))
+  nnx.update(ours, params)
+  # Requests as token ids, so both sides score the same tokens; HFLM wants some tokenizer.
+  vocabulary = tokenizers.Tokenizer(tokenizers.models.WordLevel({'<s>': 1}, unk_token='<s>'))
+  hf_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=vocabulary, bos_token='<s>',
+                                                      eos_token='<s>')
+  theirs = HFLM(pretrained=hf_model, tokenizer=hf_tokenizer, backend='causal', device='cpu',
+                batch_size=4)
+  rng = np.random.default_rng(0)
+  pairs = [([1] + rng.integers(3, 102, int(rng.integers(1, 30))).tolist(),
+            rng.integers(3, 102, int(rng.integers(1, 8))).tolist()) for _ in range(10)]
+  want = theirs._loglikelihood_tokens([(('', ''), c, x) for c, x in pairs], disable_tqdm=True)
+  got = harness.HarnessModel(ours, None).loglikelihood_tokens(pairs)
+  for (score, greedy), (their_score, their_greedy) in zip(got, want):
+    assert score == pytest.approx(their_score, abs=1e-4) and greedy == their_greedy
+
+
+@pytest.fixture(scope='module')
+def task_dir(tmp_path_factory):
+  """A harness multiple-choice task over tests/example_task.jsonl, defined locally."""
+  folder = tmp_path_factory.mktemp('tasks')
+  (folder / 'local_choice.yaml').write_text(f'''task: local_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {TASK}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+''')
+  return str(folder)
+
+
+@pytest.mark.slow
+def test_a_local_task_scores_like_a_naive_per_example_scorer(model, tokenizer, task_dir):
+  results = harness.evaluate(harness.HarnessModel(model, tokenizer), ['local_choice'], task_dir)
+  examples = [json.loads(line) for line in open(TASK)]
+  correct = correct_norm = 0
+  for example in examples:
+    scores = [
+        naive_scores(model, *evaluation.continuation_tokens(tokenizer, example['context'],
+                                                            choice))[0]
+        for choice in example['choices']
+    ]
+    correct += int(np.argmax(scores) == example['label'])
+    # The harness normalizes by the continuation's length in bytes.
+    normed = [s / len(c.encode()) for s, c in zip(scores, example['choices'])]
+    correct_norm += int(np.argmax(normed) == example['label'])
+  assert results['local_choice']['acc'] == pytest.approx(correct / len(examples))
+  assert results['local_choice']['acc_norm'] == pytest.approx(correct_norm / len(examples))
+
+
+def test_the_paper_table_shows_ours_beside_the_paper():
+  table = harness.paper_table({'piqa': {'acc_norm': 0.5}, 'boolq': {'acc': 0.625}}, 'mine')
+  lines = table.splitlines()
+  assert lines[0].startswith('| model | BoolQ | PIQA | SIQA | HellaSwag |')
+  assert lines[2] == '| mine | 62.5 | 50.0 | — | — | — | — | — | — |'
+  assert lines[3] == '| LLaMA 7B (paper) | 76.5 | 79.8 | 48.9 | 76.1 | 70.1 | 72.8 | 47.6 | 57.2 |'
+
+
+@pytest.mark.slow
+def test_bad_harness_inputs_are_one_sentence(model, tokenizer, corpus_dirs, small_config, tmp_path):
+  with pytest.raises(UserError, match='the harness knows no task no_such_task'):
+    harness.evaluate(harness.HarnessModel(model, tokenizer), ['no_such_task'])
+  with pytest.raises(UserError, match='task file .*missing.jsonl does not exist'):
+    evaluation.check_tasks([str(tmp_path / 'missing.jsonl')])
+  done = subprocess.run(
+      [sys.executable, 'eval.py', f'--workdir={tmp_path}', '--harness_tasks=piqa'], cwd=REPO,
+      capture_output=True, text=True, timeout=300)
+  assert done.returncode != 0 and 'error: no checkpoints in' in done.stderr
+
+
+@pytest.mark.slow
+def test_tasks_run_during_training(corpus_dirs, small_config, task_dir, tmp_path):
+  config = small_config(*corpus_dirs, **{'train.steps': 2, 'train.eval_every': 2})
+  config.train.eval_tasks = (TASK, 'local_choice')
+  config.train.eval_task_dir = task_dir
+  last = train_loop.train(config, str(tmp_path / 'run'))
+  assert {
+      'task/example_task/accuracy', 'task/example_task/accuracy_norm', 'task/local_choice/acc',
+      'task/local_choice/acc_norm'
+  } <= set(last)
+  rows = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl')]
+  assert any('task/local_choice/acc' in row for row in rows)
