@@ -1,9 +1,11 @@
 """Evaluates a checkpoint: `python eval.py --workdir=DIR [--step=N] [--config.a.b=v ...]`.
 
 With no other flag it reports loss, perplexity and bits per byte on the validation
-split; --prompt / --prompts_file generate text; --task scores a multiple-choice JSONL
-task. The model's shape comes from the checkpoint; --config.* overrides (mesh, data,
-batch size) apply on top of the config saved with it.
+split (of a mixture: on the mixture and on each source); --prompt / --prompts_file generate
+text; --task scores a multiple-choice JSONL task; --harness_tasks runs lm-evaluation-harness
+tasks and --paper_table the LLaMA paper's zero-shot table (the eval extra). The model's shape
+comes from the checkpoint; --config.* overrides (mesh, data, batch size) apply on top of
+the config saved with it.
 """
 
 import json
@@ -60,9 +62,6 @@ def run():
     if any(key.startswith('mesh.') for key in overrides):
       raise
     config.mesh.update(dict(data=1, fsdp=-1, sequence=1, tensor=1))  # the writer's mesh
-  experiment = experiment_lib.build(config, devices)
-  params = evaluation.restore_params(directory, step, experiment.model_config,
-                                     experiment.shardings.params, FLAGS.bfloat16)
   prompts = list(FLAGS.prompt)
   if FLAGS.prompts_file:
     with open(FLAGS.prompts_file) as f:
@@ -73,6 +72,10 @@ def run():
         task for _, task, _, _ in evaluation.harness_module().PAPER_TABLE_3
         if task not in harness_tasks
     ]
+  evaluation.check_tasks(harness_tasks, FLAGS.harness_include_path)  # before minutes of restore
+  experiment = experiment_lib.build(config, devices)
+  params = evaluation.restore_params(directory, step, experiment.model_config,
+                                     experiment.shardings.params, FLAGS.bfloat16)
   perplexity = not prompts and not FLAGS.task and not harness_tasks
   corpus = mixture.open_corpus(config.data) if perplexity else None  # the only use of the data
   tokenizer = tokenizer_lib.for_data(config.data, config.model.vocab_size)  # never trains one

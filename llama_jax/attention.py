@@ -48,7 +48,7 @@ def unsupported(implementation: str, *, platform: str, length: int, head_dim: in
     home = 'tpu' if implementation == 'splash' else 'gpu'
     if platform not in (home, 'cpu'):
       return f'runs on {home.upper()}s (and on a CPU in interpret mode, for tests)'
-    if length % min(block, length):
+    if length % block:
       return f'needs a sequence length that is a multiple of {block}, not {length}'
   if implementation == 'cudnn':
     if platform != 'gpu':
@@ -99,7 +99,7 @@ def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, implementatio
   if implementation == 'blockwise':
     return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, block_size or
                                BLOCKWISE_BLOCK)
-  block = min(block_size or KERNEL_BLOCK, length)
+  block = block_size or KERNEL_BLOCK
   if implementation == 'splash' and not block_size:  # the largest of its usual blocks
     block = next(size for size in (512, 256, 128) if length % size == 0)
   kernel = {'splash': _splash_kernel, 'triton': _triton_kernel, 'cudnn': _cudnn_kernel}

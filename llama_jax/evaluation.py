@@ -130,7 +130,8 @@ def score_continuations(model, sequences: list[tuple[list[int], int]],
   for first in range(0, len(order), batch_size):
     chunk = order[first:first + batch_size]
     # The last token is only a target: inputs are length - 1 long, a multiple of 64.
-    length = 64 * -(-(max(len(sequences[i][0]) for i in chunk) - 1) // 64) + 1
+    length = min(64 * -(-(max(len(sequences[i][0]) for i in chunk) - 1) // 64) + 1,
+                 model.config.max_seq_len + 1)
     tokens = np.zeros((batch_size, length), np.int32)
     weights = np.zeros((batch_size, length), np.float32)
     for row, index in enumerate(chunk):
@@ -190,9 +191,14 @@ def read_task(path: str) -> list[dict]:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
-      example = json.loads(line)
-      if not {'context', 'choices', 'label'
-             } <= set(example) or not (0 <= example['label'] < len(example['choices'])):
+      try:
+        example = json.loads(line)
+      except json.JSONDecodeError:
+        raise UserError(f'{path}:{number} is not a JSON object.') from None
+      valid = (isinstance(example, dict) and {'context', 'choices', 'label'} <= set(example) and
+               isinstance(example['label'], int) and isinstance(example['choices'], list) and
+               0 <= example['label'] < len(example['choices']))
+      if not valid:
         raise UserError(f'{path}:{number} needs "context", "choices" and a "label" that '
                         'indexes the choices.')
       examples.append(example)

@@ -59,6 +59,10 @@ def validate(config, mesh_sizes: dict, platform: str) -> model_lib.ModelConfig:
       train.seq_len % mesh_sizes['sequence'] == 0,
       f'train.seq_len ({train.seq_len}) must be divisible by mesh.sequence '
       f'({mesh_sizes["sequence"]}).')
+  check(
+      train.eval_every > 0 or not train.eval_tasks,
+      'train.eval_tasks run at each validation, and train.eval_every is 0; set it to how '
+      'often to run them.')
   for key, heads in (('n_heads', model_config.n_heads), ('n_kv_heads', model_config.kv_heads)):
     check(heads % mesh_sizes['tensor'] == 0,
           f'model.{key} ({heads}) must be divisible by mesh.tensor ({mesh_sizes["tensor"]}).')

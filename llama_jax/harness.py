@@ -97,13 +97,13 @@ class HarnessModel(LM):
       options = json.loads(options)
       until = options.get('until') or []
       until = [until] if isinstance(until, str) else until
-      new_tokens = int(options.get('max_gen_toks', 256))
+      new_tokens = min(int(options.get('max_gen_toks', 256)), self.max_length - 1)
       sampling = generate.Sampling(new_tokens, float(options.get('temperature', 0.0) or 0.0))
       for first in range(0, len(indices), self.batch_size):
         chunk = indices[first:first + self.batch_size]
-        prompts = [([self.tokenizer.bos_id()] +
-                    self.tokenizer.encode(requests[i].args[0]))[-(self.max_length - new_tokens):]
-                   for i in chunk]
+        room = self.max_length - new_tokens - 1  # for the prompt after BOS; its end is kept
+        prompts = [[self.tokenizer.bos_id()] +
+                   _last(self.tokenizer.encode(requests[i].args[0]), room) for i in chunk]
         prompts += [[self.tokenizer.bos_id()]] * (self.batch_size - len(chunk))  # one shape
         generated = generate.generate(self.model, prompts, sampling, self.tokenizer.eos_id())
         for index, tokens in zip(chunk, generated):
@@ -116,6 +116,10 @@ class HarnessModel(LM):
 
   def requests_per_second(self) -> dict:
     return {kind: n / seconds for kind, (n, seconds) in self.timing.items() if seconds}
+
+
+def _last(tokens: list[int], count: int) -> list[int]:
+  return tokens[max(len(tokens) - count, 0):]
 
 
 def check_names(tasks: list[str], include_path: str = ''):
@@ -137,7 +141,7 @@ def evaluate(harness_model: HarnessModel, tasks: list[str], include_path: str = 
                                    limit=limit, log_samples=False, bootstrap_iters=0)
   return {
       task: {
-          metric.split(',')[0]: value
+          metric.removesuffix(',none'): value
           for metric, value in metrics.items()
           if isinstance(value, (int, float)) and not metric.startswith('alias')
       } for task, metrics in output['results'].items()

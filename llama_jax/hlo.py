@@ -74,23 +74,33 @@ def _trip_count(while_line: str, condition: list[str]) -> int:
 
 
 def _executions(computations: dict[str, list[str]]) -> dict[str, int]:
-  """How many times each computation runs per execution of the entry computation."""
-  runs = {'ENTRY': 1}
-  stack = ['ENTRY']
-  while stack:
-    name = stack.pop()
-    for line in computations.get(name, ()):
+  """How many times each computation runs per execution of the entry computation: the sum,
+  over every place that calls it, of the caller's runs times the loop's trip count."""
+  calls = {name: [] for name in computations}  # caller -> [(callee, times)]
+  for name, lines in computations.items():
+    for line in lines:
       loop = re.search(r'condition=%?([\w.\-]+), body=%?([\w.\-]+)', line)
       if loop:
-        callees = [(loop.group(2), _trip_count(line, computations.get(loop.group(1), [])))]
+        found = [(loop.group(2), _trip_count(line, computations.get(loop.group(1), [])))]
       else:
-        callees = [(callee, 1) for callee in re.findall(
+        found = [(callee, 1) for callee in re.findall(
             r'(?:calls|to_apply|branch_computations|true_computation|false_computation)='
             r'\{?%?([\w.\-]+)', line)]
-      for callee, times in callees:
-        if callee in computations and callee not in runs:
-          runs[callee] = runs[name] * times
-          stack.append(callee)
+      calls[name] += [(callee, times) for callee, times in found if callee in computations]
+  callers = {name: 0 for name in computations}
+  for edges in calls.values():
+    for callee, _ in edges:
+      callers[callee] += 1
+  runs = dict.fromkeys(computations, 0)
+  runs['ENTRY'] = 1
+  ready = [name for name, count in callers.items() if count == 0]  # the call graph is a DAG
+  while ready:
+    name = ready.pop()
+    for callee, times in calls[name]:
+      runs[callee] += runs[name] * times
+      callers[callee] -= 1
+      if callers[callee] == 0:
+        ready.append(callee)
   return runs
 
 

@@ -50,7 +50,10 @@ def _check_workdir(workdir: str) -> None:
 
 
 def _check_checkpoint_matches(directory: str, step: int, model_config, workdir: str) -> None:
-  saved = checkpoint_lib.saved_config(directory, step)['model']
+  try:
+    saved = checkpoint_lib.saved_config(directory, step)['model']
+  except Exception:  # an unreadable checkpoint: restoring deals with it (and sets it aside)
+    return
   current = dataclasses.asdict(model_config)
   different = [
       f'{k} {saved.get(k)} vs {current[k]}' for k in SHAPE_KEYS if saved.get(k) != current[k]
@@ -84,27 +87,35 @@ def _read(checkpoint_dir, step, abstract, shardings):
 def _restore_newest_readable(manager, checkpoint_dir, abstract, shardings):
   """(step, state, row states) of the newest checkpoint that every process can read.
 
-  Each process reads its own shards; then all agree. If any process could not read a
-  checkpoint, every process sets it aside (process 0 renames it to STEP.unreadable, never
-  deletes it) and they try the one before together, so all resume from the same step.
+  Each process reads its own shards, then all agree. Newer checkpoints that some process
+  could not read are set aside (process 0 renames them STEP.unreadable, never deletes
+  them) once an older one has read back everywhere, so all resume from the same step. If
+  none can be read, nothing is moved: that is usually a config that no longer matches them.
   """
+  unreadable, first_error = [], None
   for step in sorted(manager.all_steps(), reverse=True):
     restored, error = _read(checkpoint_dir, step, abstract, shardings)
     if processes.all_true(error is None):
+      for bad in unreadable:
+        aside = epath.Path(checkpoint_dir) / f'{bad}.unreadable'
+        processes.say(f'warning: checkpoint {checkpoint_dir}/{bad} cannot be read by every '
+                      f'process; moved it to {aside}')
+        if jax.process_index() == 0:
+          (epath.Path(checkpoint_dir) / str(bad)).rename(aside)
+      processes.sync('set aside unreadable checkpoints')
+      manager.reload()
       return (step, *restored)
-    aside = epath.Path(checkpoint_dir) / f'{step}.unreadable'
     if error is not None:
+      first_error = first_error or error
       print(
           f'warning: process {jax.process_index()} cannot read checkpoint {checkpoint_dir}/'
           f'{step} ({type(error).__name__}: {str(error)[:300]})', flush=True)
-    processes.say(f'warning: checkpoint {checkpoint_dir}/{step} cannot be read by every '
-                  f'process; moved it to {aside} and trying the one before')
-    if jax.process_index() == 0:
-      (epath.Path(checkpoint_dir) / str(step)).rename(aside)
-    processes.sync(f'set aside checkpoint {step}')
-    manager.reload()
-  raise UserError(f'no checkpoint in {checkpoint_dir} can be read (they were moved to '
-                  '*.unreadable); move them elsewhere to start from scratch.')
+    unreadable.append(step)
+  reason = f' ({type(first_error).__name__}: {str(first_error)[:200]})' if first_error else ''
+  raise UserError(f'no checkpoint in {checkpoint_dir} can be read by every process{reason}; '
+                  'none was moved. If the config changed since they were written (model, optim '
+                  'or mesh.rules), run with the one they were written with; or move the folder '
+                  'away to start over.')
 
 
 def _write_failed(what: str, checkpoint_dir: str, error: Exception) -> UserError:
@@ -141,7 +152,7 @@ class Data:
 
 
 def _open_data(config, experiment: experiment_lib.Experiment) -> Data:
-  corpus = mixture.open_corpus(config.data)
+  corpus = mixture.open_corpus(config.data, validation=config.train.eval_every > 0)
   tokenizer = tokenizer_lib.for_data(config.data, experiment.model_config.vocab_size, corpus)
   rows = sharding_lib.rows_of_process(experiment.batch_sharding, config.train.batch_size)
   progress = pipeline.Progress([len(documents) for documents in corpus.train])
@@ -214,7 +225,12 @@ def _furthest_logged_step(workdir: str) -> int:
   path = epath.Path(workdir) / 'metrics.jsonl'
   if jax.process_index() != 0 or not path.exists():
     return 0
-  steps = [json.loads(line).get('step', 0) for line in path.read_text().splitlines() if line]
+  steps = []
+  for line in path.read_text().splitlines():
+    try:
+      steps.append(json.loads(line).get('step', 0))
+    except json.JSONDecodeError:  # a line cut short by a crash
+      continue
   return max(steps, default=0)
 
 
@@ -307,7 +323,8 @@ def _loop(config, experiment, state, start, data: Data, manager, checkpoint_dir,
 
         if train_config.eval_every and (done % train_config.eval_every == 0 or
                                         done == train_config.steps):
-          with timer.paused(), goodput.timing('evaluation'):  # not training throughput
+          # Not training throughput, and no hang however long the tasks take.
+          with timer.paused(), goodput.timing('evaluation'), watchdog.paused():
             validation = _validation(config, experiment, state.params, data)
           last.update(validation)
           writer.write(done, validation)

@@ -7,6 +7,7 @@ and exits with HANG_EXIT_CODE so that a scheduler restarts the job, which then r
 the last checkpoint.
 """
 
+import contextlib
 import faulthandler
 import os
 import sys
@@ -20,7 +21,7 @@ class HangWatchdog:
   """A context manager; call `beat(step)` after every step."""
   def __init__(self, timeout_s: float, process_index: int, clock=time.monotonic):
     self.timeout_s, self.process_index, self.clock = timeout_s, process_index, clock
-    self.step, self.last_beat = None, clock()
+    self.step, self.last_beat, self._paused = None, clock(), False
     self._stopped = threading.Event()
     self._thread = threading.Thread(target=self._watch, name='hang-watchdog', daemon=True)
 
@@ -36,10 +37,19 @@ class HangWatchdog:
   def beat(self, step: int) -> None:
     self.step, self.last_beat = step, self.clock()
 
+  @contextlib.contextmanager
+  def paused(self):
+    """No alarm inside (evaluation: its length is the user's choice, not a hang)."""
+    self._paused = True
+    try:
+      yield
+    finally:
+      self._paused, self.last_beat = False, self.clock()
+
   def _watch(self):
     while not self._stopped.wait(min(self.timeout_s, 10.0)):
       idle = self.clock() - self.last_beat
-      if idle > self.timeout_s:
+      if idle > self.timeout_s and not self._paused:
         print(
             f'\nprocess {self.process_index}: no train step completed for {idle:.0f}s '
             f'(train.hang_timeout_s={self.timeout_s:g}) after step {self.step}; stacks of '

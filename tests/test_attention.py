@@ -91,6 +91,15 @@ def test_pallas_kernel_matches_reference_in_interpret_mode(implementation, lengt
   check_against_reference(implementation, length, heads, kv_heads, True, block=block)
 
 
+@pytest.mark.slow
+def test_splash_picks_its_own_block_when_none_is_given():
+  """At 256 tokens splash runs in 256-token blocks (the largest of 512/256/128 dividing it)."""
+  q, k, v, segments = random_inputs(256, 4, 2, True, seed=5)
+  got = attention_lib.attention(q, k, v, segments, segments, implementation='splash')
+  np.testing.assert_allclose(got, attention_lib.reference_attention(q, k, v, segments, segments),
+                             atol=1e-5)
+
+
 @pytest.mark.parametrize('implementation', ['blockwise', 'splash', 'triton'])
 def test_training_attention_never_builds_a_length_by_length_array(implementation):
   """Forward and backward hold no [.., length, length, ..] array (the kernels as lowered
@@ -115,6 +124,8 @@ def test_auto_resolves_per_platform_and_shape():
   assert resolve('cpu') == 'reference'
   assert resolve('tpu') == 'splash'
   assert resolve('tpu', length=2000) == 'blockwise'
+  assert resolve('tpu', length=64) == 'blockwise'  # shorter than one of the kernels' blocks
+  assert resolve('gpu', length=64) == 'blockwise'
   assert resolve('gpu', segments=False) == 'cudnn'
   assert resolve('gpu') == 'triton'  # cuDNN cannot mask packed documents
   assert resolve('gpu', dtype=jnp.float32, segments=False) == 'triton'

@@ -113,6 +113,13 @@ def test_generate_until_is_greedy_and_stops_at_the_strings(model, tokenizer):
     cut = want.find(stop)
     assert text == (want if cut < 0 else want[:cut])
   assert stop not in got[0] and len(got[0]) < len(plain[0])
+  # More new tokens than the model holds: the prompt keeps BOS and its end, nothing breaks.
+  long = harness.HarnessModel(model, tokenizer).generate_until(
+      [Request('x ' * 100, {
+          'until': [],
+          'max_gen_toks': 500
+      })])
+  assert isinstance(long[0], str)
 
 
 def test_token_loglikelihoods_equal_the_harness_hugging_face_model(make_hf_model, tmp_path):
@@ -190,7 +197,7 @@ def test_the_paper_table_shows_ours_beside_the_paper():
 
 
 @pytest.mark.slow
-def test_bad_harness_inputs_are_one_sentence(model, tokenizer, corpus_dirs, small_config, tmp_path):
+def test_bad_harness_inputs_are_one_sentence(model, tokenizer, tmp_path):
   with pytest.raises(UserError, match='the harness knows no task no_such_task'):
     harness.evaluate(harness.HarnessModel(model, tokenizer), ['no_such_task'])
   with pytest.raises(UserError, match='task file .*missing.jsonl does not exist'):

@@ -187,3 +187,26 @@ def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(dirs, tmp_path
     assert len(final_params(str(workdir), 4)) == 12
   finally:
     subprocess.run(['umount', str(workdir)], check=True)
+
+
+def test_when_no_checkpoint_can_be_read_none_is_moved(dirs, tmp_path, small_config):
+  """Every checkpoint failing is not one damaged file (more likely a config that no longer
+  fits them): the run stops with one sentence and leaves every checkpoint where it was."""
+  config = small_config(*dirs, **{
+      'train.steps': 4,
+      'checkpoint.every_steps': 2,
+      'train.eval_every': 0
+  })
+  workdir = str(tmp_path / 'run')
+  train_loop.train(config, workdir)
+  for step in ('2', '4'):
+    params_dir = os.path.join(workdir, 'checkpoints', step, 'params')
+    files = [os.path.join(root, f) for root, _, names in os.walk(params_dir) for f in names]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, 'r+b') as f:
+      f.truncate(os.path.getsize(biggest) // 2)
+  config.train.steps = 6
+  with pytest.raises(UserError, match='no checkpoint in .* can be read by every process .*none '
+                     'was moved'):
+    train_loop.train(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']

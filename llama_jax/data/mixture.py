@@ -54,9 +54,9 @@ class Corpus:
     return [source.weight for source in self.sources]
 
 
-def open_corpus(data_config) -> Corpus:
-  """Every source's train and eval documents; process 0 prepares what needs preparing
-  while the other processes wait."""
+def open_corpus(data_config, validation: bool = True) -> Corpus:
+  """Every source's train documents and (with `validation`) eval documents; process 0
+  prepares what needs preparing while the other processes wait."""
   found = sources_of(data_config)
   if jax.process_index() == 0:
     for source in found:
@@ -68,11 +68,17 @@ def open_corpus(data_config) -> Corpus:
     if not len(train[-1]):
       raise UserError(f'source {source.name} ({source.dataset}) has no documents in its '
                       f'{data_config.train_split} split; prepare it from a non-empty corpus.')
-    held_out.append(sources.documents(source.dataset, data_config, data_config.eval_split))
-    if not len(held_out[-1]):
+    held_out.append(
+        sources.documents(source.dataset, data_config, data_config.eval_split
+                         ) if validation else None)
+    if validation and not len(held_out[-1]):
       processes.say(f'warning: source {source.name} has no {data_config.eval_split} documents; '
                     'it is left out of validation.')
       held_out[-1] = None
+  if validation and not any(d is not None for d in held_out):
+    raise UserError(f'no source has documents in its {data_config.eval_split} split to '
+                    'validate on; give data.eval_split a split with documents, or set '
+                    'train.eval_every=0.')
   return Corpus(found, train, held_out)
 
 

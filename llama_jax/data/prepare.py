@@ -177,8 +177,12 @@ def prepare(input_root: str, output: str, text_field: str = 'text', workers: int
       futures = [
           pool.submit(prepare_file, input_root, os.fspath(f), output, text_field) for f in todo
       ]
-      for future in concurrent.futures.as_completed(futures):
-        add(future.result())
+      try:
+        for future in concurrent.futures.as_completed(futures):
+          add(future.result())
+      except BaseException:  # one bad file: the files not started yet stay undone
+        pool.shutdown(cancel_futures=True)
+        raise
   totals['seconds'] = time.perf_counter() - start
   return totals
 
