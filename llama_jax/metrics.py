@@ -87,5 +87,7 @@ class MetricsWriter:
 
   def close(self) -> None:
     if self.enabled:
-      self.tensorboard.close()
-      self.jsonl.close()
+      try:
+        self.tensorboard.close()
+      finally:
+        self.jsonl.close()

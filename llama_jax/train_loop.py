@@ -258,11 +258,23 @@ def train(config, workdir: str) -> dict:
   try:
     last = _loop(config, experiment, state, start, data, manager, checkpoint_dir, workdir, writer,
                  goodput)
-    processes.say(goodput.summary())
-    return last
-  finally:
-    manager.close()
-    writer.close()
+  except BaseException:
+    _close_after_failure(manager, writer)
+    raise
+  processes.say(goodput.summary())
+  manager.close()
+  writer.close()
+  return last
+
+
+def _close_after_failure(manager, writer) -> None:
+  """Closes what a failed run opened, so that the error which stopped the run is the one the user
+  sees (closing can fail for the same reason, e.g. a full disk, and would hide it)."""
+  for close in (manager.close, writer.close):
+    try:
+      close()
+    except Exception as error:  # the run's own error is re-raised by the caller
+      processes.say(f'While stopping: {type(error).__name__}: {error}')
 
 
 def _loop(config, experiment, state, start, data: Data, manager, checkpoint_dir, workdir, writer,

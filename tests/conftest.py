@@ -97,6 +97,19 @@ def final_params():
   return _final_params
 
 
+def _truncate_largest_file(folder):
+  files = [os.path.join(root, f) for root, _, names in os.walk(folder) for f in names]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, 'r+b') as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+
+
+@pytest.fixture(scope='session')
+def truncate_largest_file():
+  """truncate_largest_file(folder): damages a checkpoint item (its largest file loses half)."""
+  return _truncate_largest_file
+
+
 # The small_config model, as train.py flags (the tiny config's own keys stay).
 SMALL_MODEL_FLAGS = {
     'model.dim': 64,

@@ -54,7 +54,8 @@ def finish(running, timeout=300):
   return outputs
 
 
-def test_only_process_1_cannot_read_the_newest_checkpoint(corpus_dirs, train_command, tmp_path):
+def test_only_process_1_cannot_read_the_newest_checkpoint(corpus_dirs, train_command, tmp_path,
+                                                          truncate_largest_file):
   workdir = str(tmp_path / 'run')
   run = lambda steps: train_command(
       *corpus_dirs, workdir, **{
@@ -66,10 +67,7 @@ def test_only_process_1_cannot_read_the_newest_checkpoint(corpus_dirs, train_com
   finish(launch(run(4), logs))
   # Damage a data file that only process 1 reads back (its own shards of the parameters).
   shards = os.path.join(workdir, 'checkpoints', '4', 'params', 'ocdbt.process_1')
-  files = [os.path.join(root, f) for root, _, names in os.walk(shards) for f in names]
-  biggest = max(files, key=os.path.getsize)
-  with open(biggest, 'r+b') as f:
-    f.truncate(os.path.getsize(biggest) // 2)
+  truncate_largest_file(shards)
 
   start = time.time()
   outputs = finish(launch(run(6), logs), timeout=300)
