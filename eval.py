@@ -79,13 +79,13 @@ def run():
   perplexity = not prompts and not FLAGS.task and not harness_tasks
   corpus = mixture.open_corpus(config.data) if perplexity else None  # the only use of the data
   tokenizer = tokenizer_lib.for_data(config.data, config.model.vocab_size)  # never trains one
+  model = evaluation.model_of(params, config)
   results = {'step': step}
 
   if prompts:
     sampling = generate.Sampling(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
     ids = [[tokenizer.bos_id()] + tokenizer.encode(p) for p in prompts]
-    outputs = generate.generate(evaluation.model_of(params, config), ids, sampling,
-                                tokenizer.eos_id(), FLAGS.seed)
+    outputs = generate.generate(model, ids, sampling, tokenizer.eos_id(), FLAGS.seed)
     results['generations'] = [{
         'prompt': p,
         'completion': tokenizer.decode(o)
@@ -93,16 +93,15 @@ def run():
     for row in results['generations']:
       print(f'--- {row["prompt"]}\n{row["completion"]}')
   if FLAGS.task:
-    results['task'] = evaluation.multiple_choice(evaluation.model_of(params, config), tokenizer,
-                                                 evaluation.read_task(FLAGS.task))
+    results['task'] = evaluation.multiple_choice(model, tokenizer, evaluation.read_task(FLAGS.task))
     print(f'{FLAGS.task}: accuracy {results["task"]["accuracy"]:.4f}, length-normalized '
           f'{results["task"]["accuracy_norm"]:.4f} over {results["task"]["examples"]} examples')
   if harness_tasks:
     harness = evaluation.harness_module()
-    model = harness.HarnessModel(evaluation.model_of(params, config), tokenizer)
-    results['harness'] = harness.evaluate(model, harness_tasks, FLAGS.harness_include_path,
+    harness_model = harness.HarnessModel(model, tokenizer)
+    results['harness'] = harness.evaluate(harness_model, harness_tasks, FLAGS.harness_include_path,
                                           FLAGS.harness_limit)
-    results['harness_requests_per_s'] = model.requests_per_second()
+    results['harness_requests_per_s'] = harness_model.requests_per_second()
     for task, metrics in results['harness'].items():
       print(f'{task}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
     if FLAGS.paper_table:

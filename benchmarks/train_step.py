@@ -22,10 +22,10 @@ from llama_jax import metrics as metrics_lib
 FLAGS = flags.FLAGS
 
 
-def random_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> dict:
-  """Random tokens as one document per row: [batch, length] numpy arrays."""
-  tokens = np.random.default_rng(seed).integers(0, vocab_size, (batch_size, seq_len + 1),
-                                                dtype=np.int32)
+def batch_of(tokens: np.ndarray) -> dict:
+  """A train batch of [batch, length + 1] tokens, one document per row: [batch, length]
+  numpy arrays."""
+  batch_size, seq_len = tokens.shape[0], tokens.shape[1] - 1
   return {
       'inputs': tokens[:, :-1],
       'targets': tokens[:, 1:],
@@ -33,6 +33,13 @@ def random_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) 
       'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)),
       'weights': np.ones((batch_size, seq_len), np.float32)
   }
+
+
+def random_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> dict:
+  """Random tokens as one document per row."""
+  return batch_of(
+      np.random.default_rng(seed).integers(0, vocab_size, (batch_size, seq_len + 1),
+                                           dtype=np.int32))
 
 
 def measure(config, devices, timed_steps: int) -> dict:

@@ -21,6 +21,7 @@ import torch
 import transformers
 from absl import app, flags
 
+from benchmarks import train_step as train_step_benchmark
 from configs import default
 from llama_jax import experiment as experiment_lib
 from llama_jax import metrics as metrics_lib
@@ -61,14 +62,7 @@ def our_step(precision, tokens):
   config.data.segment_mask = False
   built = experiment_lib.build(config, jax.devices())
   state = steps.create_sharded_state(0, built.model_config, built.optimizer, built.shardings)
-  batch = {
-      'inputs': tokens[:, :-1],
-      'targets': tokens[:, 1:],
-      'segment_ids': np.ones_like(tokens[:, 1:]),
-      'positions': np.zeros_like(tokens[:, 1:]),
-      'weights': np.ones(tokens[:, 1:].shape, np.float32)
-  }
-  batch = jax.device_put(batch, built.batch_sharding)
+  batch = jax.device_put(train_step_benchmark.batch_of(tokens), built.batch_sharding)
   start = time.perf_counter()
   compiled = built.train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start

@@ -214,12 +214,17 @@ def harness_module():
   return harness
 
 
+def _files_and_names(tasks) -> tuple[list[str], list[str]]:
+  """Our JSONL task files, and the harness's task names."""
+  files = [task for task in tasks if task.endswith('.jsonl')]
+  return files, [task for task in tasks if task not in files]
+
+
 def check_tasks(tasks, task_dir: str = '') -> None:
   """One clear error now, not hours into a run, for a task that cannot be run."""
-  for task in tasks:
-    if task.endswith('.jsonl'):
-      read_task(task)
-  names = [task for task in tasks if not task.endswith('.jsonl')]
+  files, names = _files_and_names(tasks)
+  for path in files:
+    read_task(path)
   if names:
     harness_module().check_names(names, task_dir)
 
@@ -229,13 +234,12 @@ def run_tasks(model, tokenizer, tasks, task_dir: str = '') -> dict:
   file's name without .jsonl) and lm-evaluation-harness tasks (YAML under task_dir or the
   harness's own)."""
   row = {}
-  for task in tasks:
-    if task.endswith('.jsonl'):
-      result = multiple_choice(model, tokenizer, read_task(task))
-      name = os.path.basename(task).removesuffix('.jsonl')
-      row[f'task/{name}/accuracy'] = result['accuracy']
-      row[f'task/{name}/accuracy_norm'] = result['accuracy_norm']
-  names = [task for task in tasks if not task.endswith('.jsonl')]
+  files, names = _files_and_names(tasks)
+  for path in files:
+    result = multiple_choice(model, tokenizer, read_task(path))
+    name = os.path.basename(path).removesuffix('.jsonl')
+    row[f'task/{name}/accuracy'] = result['accuracy']
+    row[f'task/{name}/accuracy_norm'] = result['accuracy_norm']
   if names:
     harness = harness_module()
     results = harness.evaluate(harness.HarnessModel(model, tokenizer), names, task_dir)

@@ -86,8 +86,10 @@ def logical_to_mesh(logical_axes, rules) -> PartitionSpec:
       mesh_axes += [axes] if isinstance(axes, str) else list(axes or ())
     mesh_axes = [axis for axis in dict.fromkeys(mesh_axes) if axis not in used]
     used.update(mesh_axes)
-    spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) ==
-                1 else tuple(mesh_axes))
+    if len(mesh_axes) > 1:
+      spec.append(tuple(mesh_axes))
+    else:
+      spec.append(mesh_axes[0] if mesh_axes else None)
   return PartitionSpec(*spec)
 
 

@@ -9,13 +9,17 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import importlib  # noqa: E402  (jax reads XLA_FLAGS when it is first imported)
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
+import portpicker  # noqa: E402
 import pytest  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ('alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu def return '
          'class import for while 0 1 2 3 42 1999 café naïve 日本 語').split()
 
@@ -37,26 +41,37 @@ def _write_corpus(folder, n_files=60, seed=0):
       f.write(json.dumps({'text': f'jsonl document {i}'}) + '\n')
 
 
+# The small model, batch and schedule, by config group: small_config and train_command's runs
+# (in this process and as train.py flags) must be the same computation.
+SMALL = {
+    'model': dict(dim=64, n_layers=2, n_heads=4, vocab_size=400, max_seq_len=64, dtype='float32'),
+    'train': dict(batch_size=8, seq_len=32),
+    'optim': dict(warmup_steps=5, decay_steps=20),  # the same schedule when stopped early
+    'logging': dict(every_steps=1),
+}
+
+
 def _small_config(text_dir, data_dir, **overrides):
   """The tiny config shrunk further, on the test corpus: seconds per run."""
   config = importlib.import_module('configs.tiny').get_config()
-  config.model.update(
-      dict(dim=64, n_layers=2, n_heads=4, vocab_size=400, max_seq_len=64, dtype='float32'))
-  config.train.update(dict(steps=20, batch_size=8, seq_len=32, eval_every=10, eval_batches=2))
-  config.optim.update(dict(warmup_steps=5, decay_steps=20))  # the same schedule when stopped early
+  for group, values in SMALL.items():
+    config[group].update(values)
+  config.train.update(dict(steps=20, eval_every=10, eval_batches=2))
   config.data.update(dict(text_dir=text_dir, data_dir=data_dir, prefetch=2))
   config.checkpoint.update(dict(every_steps=10, keep=5))
-  config.logging.every_steps = 1
   for key, value in overrides.items():
     group, name = key.split('.')
     config[group][name] = value
   return config
 
 
-def _losses(workdir):
+def _metrics_rows(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    rows = [json.loads(line) for line in f]
-  return {row['step']: row['loss'] for row in rows if 'loss' in row}
+    return [json.loads(line) for line in f]
+
+
+def _losses(workdir):
+  return {row['step']: row['loss'] for row in _metrics_rows(workdir) if 'loss' in row}
 
 
 def _final_params(workdir, step):
@@ -86,6 +101,12 @@ def small_config():
 
 
 @pytest.fixture(scope='session')
+def metrics_rows():
+  """metrics_rows(workdir): the rows of the run's metrics.jsonl, in order."""
+  return _metrics_rows
+
+
+@pytest.fixture(scope='session')
 def losses():
   """losses(workdir): {step: loss} from the run's metrics.jsonl."""
   return _losses
@@ -110,19 +131,9 @@ def truncate_largest_file():
   return _truncate_largest_file
 
 
-# The small_config model, as train.py flags (the tiny config's own keys stay).
+# SMALL as train.py flags (the tiny config's other keys stay).
 SMALL_MODEL_FLAGS = {
-    'model.dim': 64,
-    'model.n_layers': 2,
-    'model.n_heads': 4,
-    'model.vocab_size': 400,
-    'model.max_seq_len': 64,
-    'model.dtype': 'float32',
-    'train.batch_size': 8,
-    'train.seq_len': 32,
-    'optim.warmup_steps': 5,
-    'optim.decay_steps': 20,
-    'logging.every_steps': 1
+    f'{group}.{key}': value for group, values in SMALL.items() for key, value in values.items()
 }
 
 
@@ -167,3 +178,47 @@ def make_hf_model():
   Face LlamaForCausalLM (vocab 102, weights large enough to show a wrong layout), saved in
   `folder`."""
   return _make_hf_model
+
+
+class Processes:
+  """Several train.py processes x 4 CPU devices joined over loopback (a simulated pod)."""
+  @staticmethod
+  def launch(command, logs, processes=2):
+    """Starts `command` on `processes` processes; their output goes to files in `logs` (a pipe
+    that nobody drains would block a chatty process while the others wait for it)."""
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+               JAX_PLATFORMS='cpu')
+    port = portpicker.pick_unused_port()
+    logs.mkdir(exist_ok=True)
+    running = []
+    for i in range(processes):
+      log = open(logs / f'{len(list(logs.iterdir()))}.txt', 'w+')
+      process = subprocess.Popen(
+          command + [
+              f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={processes}',
+              f'--process_id={i}'
+          ], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+      process.log = log
+      running.append(process)
+    return running
+
+  @staticmethod
+  def finish(running, timeout=300):
+    """Each process's output, once all have exited 0 (within `timeout` seconds in all)."""
+    deadline = time.time() + timeout
+    for process in running:
+      process.wait(timeout=max(deadline - time.time(), 1))
+    outputs = []
+    for process in running:
+      process.log.seek(0)
+      outputs.append(process.log.read())
+    assert [p.returncode for p in running
+           ] == [0] * len(running), '\n'.join(o[-3000:] for o in outputs)
+    return outputs
+
+
+@pytest.fixture(scope='session')
+def pod():
+  """pod.launch(command, logs, processes=2) -> running; pod.finish(running, timeout) ->
+  outputs: train.py commands (from train_command) as one run of several processes."""
+  return Processes

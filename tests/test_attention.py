@@ -92,10 +92,18 @@ def test_pallas_kernel_matches_reference_in_interpret_mode(implementation, lengt
 
 
 @pytest.mark.slow
-def test_splash_picks_its_own_block_when_none_is_given():
+def test_splash_picks_its_own_block_when_none_is_given(monkeypatch):
   """At 256 tokens splash runs in 256-token blocks (the largest of 512/256/128 dividing it)."""
+  blocks, kernel = [], attention_lib._splash_kernel
+
+  def recording_kernel(*args, block, **options):
+    blocks.append(block)
+    return kernel(*args, block=block, **options)
+
+  monkeypatch.setattr(attention_lib, '_splash_kernel', recording_kernel)
   q, k, v, segments = random_inputs(256, 4, 2, True, seed=5)
   got = attention_lib.attention(q, k, v, segments, segments, implementation='splash')
+  assert blocks == [256]
   np.testing.assert_allclose(got, attention_lib.reference_attention(q, k, v, segments, segments),
                              atol=1e-5)
 

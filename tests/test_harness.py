@@ -53,6 +53,31 @@ def naive_scores(model, tokens, start):
           all(logp[t - 1].argmax() == tokens[t] for t in positions))
 
 
+def joint_tokens(tokenizer, context, continuation):
+  """BOS + context + continuation tokenized together, and where the context's own tokens end
+  (these tests' pairs do not merge across the boundary: asserted)."""
+  context_ids = [tokenizer.bos_id()] + tokenizer.encode(context)
+  tokens = [tokenizer.bos_id()] + tokenizer.encode(context + continuation)
+  assert tokens[:len(context_ids)] == context_ids
+  return tokens, len(context_ids)
+
+
+def test_a_pair_merged_across_the_boundary_keeps_the_contexts_tokens(tokenizer):
+  # Cut words in two: for some, the whole word is one token that the context's half is not.
+  merged = []
+  for word in ('alpha', 'return', 'print', 'range', 'import', 'lambda', 'value', 'string'):
+    for cut in range(1, len(word)):
+      context, continuation = 'x = ' + word[:cut], word[cut:]
+      context_ids = [tokenizer.bos_id()] + tokenizer.encode(context)
+      joint = [tokenizer.bos_id()] + tokenizer.encode(context + continuation)
+      if joint[:len(context_ids)] != context_ids:
+        merged.append((context, continuation, context_ids))
+  assert merged  # the fallback below is exercised
+  for context, continuation, context_ids in merged:
+    tokens, start = evaluation.continuation_tokens(tokenizer, context, continuation)
+    assert (tokens, start) == (context_ids + tokenizer.encode(continuation), len(context_ids))
+
+
 def test_loglikelihood_equals_a_naive_forward_pass(model, tokenizer):
   requests = [
       Request('def add(a, b):\n    return', ' a + b'),
@@ -62,7 +87,7 @@ def test_loglikelihood_equals_a_naive_forward_pass(model, tokenizer):
   ]  # longer than the model: the context is cut, on the left
   got = harness.HarnessModel(model, tokenizer, batch_size=4).loglikelihood(requests)
   for request, (score, greedy) in zip(requests, got):
-    tokens, start = evaluation.continuation_tokens(tokenizer, *request.args)
+    tokens, start = joint_tokens(tokenizer, *request.args)
     tokens, start = tokens[-65:], max(start - max(len(tokens) - 65, 0), 1)
     want_score, want_greedy = naive_scores(model, tokens, start)
     assert score == pytest.approx(want_score, abs=1e-4) and greedy == want_greedy
@@ -113,13 +138,14 @@ def test_generate_until_is_greedy_and_stops_at_the_strings(model, tokenizer):
     cut = want.find(stop)
     assert text == (want if cut < 0 else want[:cut])
   assert stop not in got[0] and len(got[0]) < len(plain[0])
-  # More new tokens than the model holds: the prompt keeps BOS and its end, nothing breaks.
+  # More new tokens than the model holds (64): 63 are generated, after BOS and none of the
+  # prompt (its end would be kept if there were room).
   long = harness.HarnessModel(model, tokenizer).generate_until(
       [Request('x ' * 100, {
           'until': [],
           'max_gen_toks': 500
       })])
-  assert isinstance(long[0], str)
+  assert long[0] == naive_greedy(model, tokenizer, '', 63)
 
 
 def test_token_loglikelihoods_equal_the_harness_hugging_face_model(make_hf_model, tmp_path):
@@ -173,6 +199,7 @@ metric_list:
 def test_a_local_task_scores_like_a_naive_per_example_scorer(model, tokenizer, task_dir):
   results = harness.evaluate(harness.HarnessModel(model, tokenizer), ['local_choice'], task_dir)
   examples = [json.loads(line) for line in open(TASK)]
+  # (Its tokenization is checked on its own above; here, the harness's accuracies.)
   correct = correct_norm = 0
   for example in examples:
     scores = [
@@ -209,7 +236,7 @@ def test_bad_harness_inputs_are_one_sentence(model, tokenizer, tmp_path):
 
 
 @pytest.mark.slow
-def test_tasks_run_during_training(corpus_dirs, small_config, task_dir, tmp_path):
+def test_tasks_run_during_training(corpus_dirs, small_config, task_dir, tmp_path, metrics_rows):
   config = small_config(*corpus_dirs, **{'train.steps': 2, 'train.eval_every': 2})
   config.train.eval_tasks = (TASK, 'local_choice')
   config.train.eval_task_dir = task_dir
@@ -218,5 +245,5 @@ def test_tasks_run_during_training(corpus_dirs, small_config, task_dir, tmp_path
       'task/example_task/accuracy', 'task/example_task/accuracy_norm', 'task/local_choice/acc',
       'task/local_choice/acc_norm'
   } <= set(last)
-  rows = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl')]
+  rows = metrics_rows(tmp_path / 'run')
   assert any('task/local_choice/acc' in row for row in rows)

@@ -229,6 +229,11 @@ def test_preparation_killed_halfway_then_rerun_equals_an_uninterrupted_one(tmp_p
   assert not list((tmp_path / 'killed').rglob('*.partial'))
 
 
+def test_a_prepared_folder_is_under_the_data_dir_unless_absolute(tmp_path):
+  assert sources.prepared_folder('prepared:a', str(tmp_path)) == tmp_path / 'a'
+  assert sources.prepared_folder(f'prepared:{tmp_path}/b', '/elsewhere') == tmp_path / 'b'
+
+
 def test_bad_inputs_are_one_sentence_naming_the_source_or_file(prepared, tmp_path):
   with pytest.raises(ConfigError, match=r'data.mixture.b.weight is -1; give a positive number'):
     mixture.sources_of(data_config(prepared, a=1, b=-1))
@@ -269,24 +274,20 @@ def test_bad_inputs_are_one_sentence_naming_the_source_or_file(prepared, tmp_pat
 
 
 @pytest.mark.slow
-def test_a_mixed_run_logs_each_sources_loss_and_epochs(prepared, small_config, tmp_path):
+def test_a_mixed_run_logs_each_sources_loss_and_epochs(prepared, small_config, tmp_path,
+                                                       metrics_rows):
   config = small_config(str(tmp_path / 'unused'), str(prepared), **{
       'train.steps': 4,
       'train.eval_every': 4,
       'train.eval_batches': 1
   })
-  config.data.mixture = {
-      name: {
-          'dataset': f'prepared:{name}',
-          'weight': w
-      } for name, w in (('a', 5), ('b', 3), ('c', 2))
-  }
+  config.data.mixture = data_config(prepared, a=5, b=3, c=2).mixture
   last = train_loop.train(config, str(tmp_path / 'run'))
   corpus = mixture.open_corpus(config.data)
   held_out = [s.name for s, d in zip(corpus.sources, corpus.eval) if d is not None]
   assert {'a', 'b'} <= set(held_out)  # c's 12 documents may leave none for validation
   assert {'eval_loss', *(f'eval_loss/{name}' for name in held_out)} <= set(last)
   assert all(f'eval_loss/{name}' not in last for name in 'abc' if name not in held_out)
-  rows = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl')]
-  assert all(f'data/epochs/{name}' in rows[-2] for name in 'abc'), rows[-2]
-  assert sources.prepared_folder('prepared:a', str(prepared)) == prepared / 'a'
+  rows = metrics_rows(tmp_path / 'run')
+  trained = [row for row in rows if 'loss' in row][-1]  # (validation rows come separately)
+  assert all(f'data/epochs/{name}' in trained for name in 'abc'), trained

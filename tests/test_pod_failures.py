@@ -1,7 +1,6 @@
 """Failures at pod scale, with 2 processes on loopback: restores every process agrees on,
 SIGTERM on one host only, the hang watchdog, and the goodput account."""
 
-import json
 import os
 import signal
 import subprocess
@@ -9,7 +8,6 @@ import sys
 import time
 
 import numpy as np
-import portpicker
 import pytest
 
 from llama_jax import goodput as goodput_lib
@@ -21,41 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow  # whole runs in subprocesses
 
 
-def launch(command, logs, processes=2):
-  """`command` on `processes` processes x 4 CPU devices joined over loopback; their output
-  goes to files in `logs` (a pipe that nobody drains would block a chatty process)."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
-  port = portpicker.pick_unused_port()
-  logs.mkdir(exist_ok=True)
-  running = []
-  for i in range(processes):
-    log = open(logs / f'{len(list(logs.iterdir()))}.txt', 'w+')
-    process = subprocess.Popen(
-        command + [
-            f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={processes}',
-            f'--process_id={i}'
-        ], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    process.log = log
-    running.append(process)
-  return running
-
-
-def finish(running, timeout=300):
-  """Each process's output, once all have exited 0 (within `timeout` seconds in all)."""
-  deadline = time.time() + timeout
-  for process in running:
-    process.wait(timeout=max(deadline - time.time(), 1))
-  outputs = []
-  for process in running:
-    process.log.seek(0)
-    outputs.append(process.log.read())
-  assert [p.returncode for p in running
-         ] == [0] * len(running), '\n'.join(o[-3000:] for o in outputs)
-  return outputs
-
-
 def test_only_process_1_cannot_read_the_newest_checkpoint(corpus_dirs, train_command, tmp_path,
-                                                          truncate_largest_file):
+                                                          truncate_largest_file, pod, metrics_rows):
   workdir = str(tmp_path / 'run')
   run = lambda steps: train_command(
       *corpus_dirs, workdir, **{
@@ -64,27 +29,25 @@ def test_only_process_1_cannot_read_the_newest_checkpoint(corpus_dirs, train_com
           'checkpoint.every_steps': 2
       })
   logs = tmp_path / 'logs'
-  finish(launch(run(4), logs))
+  pod.finish(pod.launch(run(4), logs))
   # Damage a data file that only process 1 reads back (its own shards of the parameters).
   shards = os.path.join(workdir, 'checkpoints', '4', 'params', 'ocdbt.process_1')
   truncate_largest_file(shards)
 
-  start = time.time()
-  outputs = finish(launch(run(6), logs), timeout=300)
-  assert time.time() - start < 300  # nothing hung
+  outputs = pod.finish(pod.launch(run(6), logs), timeout=300)  # raises if anything hangs
   assert 'process 1 cannot read checkpoint' in outputs[1]
   assert 'cannot read checkpoint' not in outputs[0]  # process 0 could, and still fell back
   assert 'Resumed from step 2' in outputs[0]
   checkpoints = os.listdir(os.path.join(workdir, 'checkpoints'))
   assert '4.unreadable' in checkpoints and '6' in checkpoints  # set aside, not deleted
-  steps = [json.loads(line)['step'] for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  steps = [row['step'] for row in metrics_rows(workdir)]
   assert steps[-2:] == [5, 6]  # both processes went on from step 2 together
 
 
 def test_sigterm_on_one_host_stops_every_process_at_the_same_step(corpus_dirs, train_command,
-                                                                  tmp_path):
+                                                                  tmp_path, pod):
   workdir = str(tmp_path / 'run')
-  running = launch(
+  running = pod.launch(
       train_command(*corpus_dirs, workdir, **{
           'train.steps': 1000,
           'train.eval_every': 0,
@@ -96,7 +59,7 @@ def test_sigterm_on_one_host_stops_every_process_at_the_same_step(corpus_dirs, t
     assert time.time() < deadline and running[0].poll() is None, 'the run did not start'
     time.sleep(0.1)
   running[1].send_signal(signal.SIGTERM)  # a single preempted VM
-  outputs = finish(running)
+  outputs = pod.finish(running)
   stopped = int(outputs[0].split('Stopped at step ')[1].split()[0])
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == [str(stopped)]  # one checkpoint
   assert 'received SIGTERM' in outputs[1] and 'received SIGTERM' not in outputs[0]
@@ -138,7 +101,7 @@ def test_a_hang_prints_every_stack_exits_75_and_the_run_resumes(corpus_dirs, tra
 
 
 def test_goodput_accounts_data_waits_evaluation_checkpoints_and_redone_steps(
-    corpus_dirs, small_config, tmp_path, monkeypatch):
+    corpus_dirs, small_config, tmp_path, monkeypatch, metrics_rows):
   real = pipeline.global_batches
 
   def slow(*args):  # every batch takes 0.3 s to arrive
@@ -156,7 +119,7 @@ def test_goodput_accounts_data_waits_evaluation_checkpoints_and_redone_steps(
   start = time.perf_counter()
   train_loop.train(config, workdir)
   wall = time.perf_counter() - start
-  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  rows = metrics_rows(workdir)
   last = [row for row in rows if 'goodput/wall_s' in row][-1]
   assert last['goodput/data_s'] >= 6 * 0.3 and last['goodput/data_stalls'] == 6
   assert last['goodput/compile_s'] > 0 and last['goodput/checkpoint_s'] > 0
@@ -169,7 +132,7 @@ def test_goodput_accounts_data_waits_evaluation_checkpoints_and_redone_steps(
   os.rename(os.path.join(workdir, 'checkpoints', '6'), str(tmp_path / 'lost'))
   config.train.steps = 8
   train_loop.train(config, workdir)
-  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  rows = metrics_rows(workdir)
   last = [row for row in rows if 'goodput/wall_s' in row][-1]
   assert last['goodput/redone_steps'] == 2 and last['goodput/lost_s'] > 0
   assert last['goodput/fraction'] == pytest.approx(

@@ -1,7 +1,6 @@
 """Fault injection: kill -9, SIGTERM, corrupt checkpoints, NaN batches, a full disk."""
 
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -23,16 +22,11 @@ pytestmark = pytest.mark.slow  # subprocesses and whole runs
 
 
 @pytest.fixture(scope='module')
-def dirs(corpus_dirs):
-  return corpus_dirs
-
-
-@pytest.fixture(scope='module')
-def command(dirs, train_command):
+def command(corpus_dirs, train_command):
   """The train.py command of a 16-step run with a checkpoint every 2 steps (keep 3)."""
   def build(workdir, steps=16, every=2):
     return train_command(
-        *dirs, workdir, **{
+        *corpus_dirs, workdir, **{
             'train.steps': steps,
             'train.eval_every': 0,
             'checkpoint.every_steps': every,
@@ -104,9 +98,9 @@ def test_sigterm_saves_exits_0_and_resumes_the_same_curve(uninterrupted, tmp_pat
   assert max(losses(workdir)) == 16
 
 
-def run_with_checkpoints_at_2_and_4(dirs, tmp_path, small_config):
+def run_with_checkpoints_at_2_and_4(corpus_dirs, tmp_path, small_config):
   """A 4-step run saving at steps 2 and 4; returns its config and workdir."""
-  config = small_config(*dirs, **{
+  config = small_config(*corpus_dirs, **{
       'train.steps': 4,
       'checkpoint.every_steps': 2,
       'train.eval_every': 0
@@ -116,9 +110,10 @@ def run_with_checkpoints_at_2_and_4(dirs, tmp_path, small_config):
   return config, workdir
 
 
-def test_truncated_checkpoint_falls_back_to_the_previous_one(dirs, tmp_path, capsys, small_config,
-                                                             losses, truncate_largest_file):
-  config, workdir = run_with_checkpoints_at_2_and_4(dirs, tmp_path, small_config)
+def test_truncated_checkpoint_falls_back_to_the_previous_one(corpus_dirs, tmp_path, capsys,
+                                                             small_config, losses,
+                                                             truncate_largest_file):
+  config, workdir = run_with_checkpoints_at_2_and_4(corpus_dirs, tmp_path, small_config)
   truncate_largest_file(os.path.join(workdir, 'checkpoints', '4', 'params'))
 
   checkpoints = os.path.join(workdir, 'checkpoints')
@@ -148,19 +143,22 @@ def inject_nan(monkeypatch, bad_steps):
   monkeypatch.setattr(pipeline, 'global_batches', with_nan)
 
 
-def test_a_nan_batch_is_skipped(dirs, tmp_path, monkeypatch, small_config):
+def test_a_nan_batch_is_skipped(corpus_dirs, tmp_path, monkeypatch, small_config, metrics_rows):
   inject_nan(monkeypatch, {3})
   workdir = str(tmp_path / 'nan')
-  last = train_loop.train(small_config(*dirs, **{'train.steps': 6, 'train.eval_every': 0}), workdir)
+  last = train_loop.train(small_config(*corpus_dirs, **{
+      'train.steps': 6,
+      'train.eval_every': 0
+  }), workdir)
   assert last['skipped_steps'] == 1 and np.isfinite(last['loss'])
-  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  rows = metrics_rows(workdir)
   assert [r['skipped_steps'] for r in rows] == [0, 0, 1, 1, 1, 1]
 
 
-def test_nan_every_batch_stops_and_keeps_the_good_checkpoint(dirs, tmp_path, monkeypatch,
+def test_nan_every_batch_stops_and_keeps_the_good_checkpoint(corpus_dirs, tmp_path, monkeypatch,
                                                              small_config, final_params):
   workdir = str(tmp_path / 'nan')
-  config = small_config(*dirs, **{'train.steps': 2, 'train.eval_every': 0})
+  config = small_config(*corpus_dirs, **{'train.steps': 2, 'train.eval_every': 0})
   train_loop.train(config, workdir)
   good = final_params(workdir, 2)
   inject_nan(monkeypatch, set(range(100)))
@@ -172,8 +170,9 @@ def test_nan_every_batch_stops_and_keeps_the_good_checkpoint(dirs, tmp_path, mon
     np.testing.assert_array_equal(got, want)
 
 
-def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(dirs, tmp_path, small_config,
-                                                                  final_params, monkeypatch):
+def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(corpus_dirs, tmp_path,
+                                                                  small_config, final_params,
+                                                                  monkeypatch):
   if os.geteuid() != 0:
     pytest.skip('mounting a small tmpfs needs root')
   # Whether TensorBoard's last flush also meets the full disk depends on timing: make it always
@@ -190,7 +189,7 @@ def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(dirs, tmp_path
   # A 3 MB filesystem: room for the first checkpoint (about 1.9 MB), not for the second.
   subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', str(workdir)], check=True)
   try:
-    config = small_config(*dirs, **{
+    config = small_config(*corpus_dirs, **{
         'train.steps': 8,
         'checkpoint.every_steps': 4,
         'train.eval_every': 0
@@ -204,11 +203,11 @@ def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(dirs, tmp_path
     subprocess.run(['umount', '--lazy', str(workdir)], check=True)
 
 
-def test_when_no_checkpoint_can_be_read_none_is_moved(dirs, tmp_path, small_config,
+def test_when_no_checkpoint_can_be_read_none_is_moved(corpus_dirs, tmp_path, small_config,
                                                       truncate_largest_file):
   """Every checkpoint failing is not one damaged file (more likely a config that no longer
   fits them): the run stops with one sentence and leaves every checkpoint where it was."""
-  config, workdir = run_with_checkpoints_at_2_and_4(dirs, tmp_path, small_config)
+  config, workdir = run_with_checkpoints_at_2_and_4(corpus_dirs, tmp_path, small_config)
   for step in ('2', '4'):
     truncate_largest_file(os.path.join(workdir, 'checkpoints', step, 'params'))
   config.train.steps = 6

@@ -3,16 +3,12 @@
 import importlib
 import json
 import os
-import subprocess
 
 import numpy as np
-import portpicker
 import pytest
 
 from llama_jax import train_loop
 from llama_jax.errors import ConfigError, UserError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
@@ -66,7 +62,7 @@ def test_resume_is_exact_and_works_on_another_mesh(text_dir, data_dir, tmp_path,
 
 @pytest.mark.slow
 def test_two_processes_train_together(text_dir, data_dir, tmp_path, small_config, losses,
-                                      train_command):
+                                      train_command, pod):
   """Two processes x 4 CPU devices over loopback, then one process resumes their checkpoint."""
   workdir = str(tmp_path / 'two')
   command = train_command(text_dir, data_dir, workdir, **{
@@ -74,17 +70,7 @@ def test_two_processes_train_together(text_dir, data_dir, tmp_path, small_config
       'train.eval_every': 0,
       'checkpoint.every_steps': 4
   })
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
-  port = portpicker.pick_unused_port()
-  processes = [
-      subprocess.Popen(
-          command +
-          [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
-          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)
-  ]
-  outputs = [p.communicate(timeout=600)[0] for p in processes]
-  assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  pod.finish(pod.launch(command, tmp_path / 'logs'), timeout=600)
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4'))
 
   # The same 4 steps in one process on 8 devices give the same losses ...
