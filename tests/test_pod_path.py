@@ -98,4 +98,4 @@ def test_llama_7b_at_the_paper_batch_fits_v5p_128():
   compiled, built = aot.compile_train_step(config, devices)
   assert config.train.microbatches == 1 and built.model_config.remat == 'full'
   total = aot.memory_per_chip(compiled)['total']
-  assert total < 0.5 * chip.hbm_bytes, total / 2**30  # README: 41.8 of 95 GiB
+  assert total < 0.5 * chip.hbm_bytes, total / 2**30  # README: 40.23 of 95 GiB
