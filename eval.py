@@ -85,7 +85,7 @@ def run():
   if prompts:
     sampling = generate.Sampling(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
     ids = [[tokenizer.bos_id()] + tokenizer.encode(p) for p in prompts]
-    outputs = generate.generate(model, ids, sampling, tokenizer.eos_id(), FLAGS.seed)
+    outputs = generate.generate(model, ids, sampling, {tokenizer.eos_id()}, FLAGS.seed)
     results['generations'] = [{
         'prompt': p,
         'completion': tokenizer.decode(o)

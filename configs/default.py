@@ -20,6 +20,10 @@ def get_config():
   model.ffn_dim_multiplier = ml_collections.FieldReference(None, field_type=float)  # scales it
   model.norm_eps = 1e-6  # RMSNorm epsilon
   model.rope_theta = 10000.0  # rotary embedding base
+  # None, or {'type': 'linear', 'factor'} / {'type': 'llama3', 'factor', 'low_freq_factor',
+  # 'high_freq_factor', 'original_max_position_embeddings'} (llama_jax/rope.py)
+  model.rope_scaling = None
+  model.tie_embeddings = False  # the output projection is the embedding table (Llama 3.2 1B/3B)
   model.max_seq_len = 2048  # longest sequence the model accepts
   model.dtype = 'bfloat16'  # compute dtype: bfloat16 | float32 | float16 (params are float32)
   model.attention = 'auto'  # auto | reference | blockwise | splash | triton | cudnn (attention.py)

@@ -143,6 +143,12 @@ def saved_config(directory: str, step: int) -> dict:
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
 
+def saved_param_names(directory: str, step: int) -> set[str]:
+  """The top-level names in checkpoint `step`'s parameters (e.g. 'output' unless tied)."""
+  with make_manager(directory) as manager:
+    return set(manager.item_metadata(step)['params'].keys())
+
+
 def restore_params(directory: str, step: int, abstract_params, shardings):
   """Only the parameters of checkpoint `step`, onto `shardings`; nothing else is read."""
   with make_manager(directory) as manager:

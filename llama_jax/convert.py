@@ -5,7 +5,11 @@
   python -m llama_jax.convert --source=orbax --input=WORKDIR [--step=N] --output=HF_DIR
 
 The Orbax output is a parameters-only checkpoint in OUT_DIR/checkpoints/0 that eval.py
-reads (`--workdir=OUT_DIR`) and train.py fine-tunes (`--config.checkpoint.init_params`).
+reads (`--workdir=OUT_DIR`) and train.py fine-tunes (`--config.checkpoint.init_params`),
+with the source's tokenizer files (tokenizer.json, tokenizer_config.json,
+special_tokens_map.json, tokenizer.model) in OUT_DIR/tokenizer/; an export to Hugging Face
+copies WORKDIR/tokenizer/ back beside config.json. Rope scaling (Llama 3.1) and tied
+embeddings (Llama 3.2 1B/3B) travel both ways.
 Tensors are read one at a time into the stacked float32 arrays: the model is in host
 memory once. The input folder is only read.
 """
@@ -14,6 +18,7 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -23,6 +28,7 @@ from flax import nnx
 
 from llama_jax import checkpoint as checkpoint_lib
 from llama_jax import model as model_lib
+from llama_jax import rope
 from llama_jax.errors import UserError
 
 # Our parameter (path in the stacked model) -> Hugging Face name, per layer where {i}.
@@ -64,15 +70,41 @@ def _ffn_keys(dim: int, hidden: int) -> dict:
   return {'multiple_of': 1, 'ffn_dim_multiplier': (hidden + 0.5) / base}
 
 
+# Hugging Face rope types -> ours (rope.py); the keys each takes besides the type.
+HF_ROPE_KEYS = {
+    'linear': ('factor',),
+    'llama3': ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'),
+}
+# Meta's Llama 3.1+ `use_scaled_rope` (llama-models' apply_scaling constants).
+META_ROPE_SCALING = rope.Llama3Scaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                       original_max_position_embeddings=8192)
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
+                   'tokenizer.model')
+
+
+def _rope_scaling_from_hf(hf: dict):
+  """Our rope scaling from config.json's `rope_parameters` (transformers 5) or `rope_scaling`."""
+  rope_config = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+  kind = rope_config.get('rope_type', rope_config.get('type', 'default'))
+  if kind == 'default':
+    return None
+  if kind not in HF_ROPE_KEYS:
+    raise UserError(f'rope scaling {kind!r} is not supported; the ones that convert are '
+                    f'default, {", ".join(HF_ROPE_KEYS)}.')
+  return rope.scaling_from_dict({
+      'type': kind,
+      **{
+          key: rope_config[key] for key in HF_ROPE_KEYS[kind]
+      }
+  })
+
+
 def model_config_from_hf(hf: dict) -> model_lib.ModelConfig:
   if hf.get('model_type') != 'llama' or 'LlamaForCausalLM' not in (hf.get('architectures') or
                                                                    ['LlamaForCausalLM']):
     raise UserError(f'the Hugging Face model is {hf.get("architectures") or hf.get("model_type")}'
                     ', not LlamaForCausalLM; only LLaMA checkpoints convert.')
-  rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
-  if rope.get('rope_type', rope.get('type', 'default')) != 'default':
-    raise UserError(f'rope scaling {rope.get("rope_type", rope.get("type"))!r} is not '
-                    'supported; only the plain rotary embedding of LLaMA 1/2 converts.')
+  rope_config = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
   dim, heads = hf['hidden_size'], hf['num_attention_heads']
   if hf.get('head_dim',
             dim // heads) != dim // heads or hf.get('attention_bias') or hf.get('mlp_bias'):
@@ -82,12 +114,17 @@ def model_config_from_hf(hf: dict) -> model_lib.ModelConfig:
       dim=dim, n_layers=hf['num_hidden_layers'], n_heads=heads,
       n_kv_heads=hf.get('num_key_value_heads') or heads, vocab_size=hf['vocab_size'],
       norm_eps=hf.get('rms_norm_eps', 1e-6),
-      rope_theta=float(hf.get('rope_theta') or rope.get('rope_theta', 10000.0)),
-      max_seq_len=hf.get('max_position_embeddings', 2048), dtype='float32',
+      rope_theta=float(hf.get('rope_theta') or rope_config.get('rope_theta', 10000.0)),
+      rope_scaling=_rope_scaling_from_hf(hf),
+      tie_embeddings=bool(hf.get('tie_word_embeddings',
+                                 False)), max_seq_len=hf.get('max_position_embeddings',
+                                                             2048), dtype='float32',
       **_ffn_keys(dim, hf['intermediate_size']))
 
 
 def hf_config_from_model(config: model_lib.ModelConfig) -> dict:
+  scaling = dataclasses.asdict(config.rope_scaling) if config.rope_scaling else {'type': 'default'}
+  rope_parameters = {'rope_type': scaling.pop('type'), 'rope_theta': config.rope_theta, **scaling}
   return {
       'architectures': ['LlamaForCausalLM'],
       'model_type': 'llama',
@@ -100,13 +137,10 @@ def hf_config_from_model(config: model_lib.ModelConfig) -> dict:
       'vocab_size': config.vocab_size,
       'rms_norm_eps': config.norm_eps,
       'rope_theta': config.rope_theta,
-      'rope_parameters': {
-          'rope_type': 'default',
-          'rope_theta': config.rope_theta
-      },
+      'rope_parameters': rope_parameters,
       'max_position_embeddings': config.max_seq_len,
       'hidden_act': 'silu',
-      'tie_word_embeddings': False,
+      'tie_word_embeddings': config.tie_embeddings,
       'attention_bias': False,
       'mlp_bias': False,
       'bos_token_id': 1,
@@ -143,7 +177,8 @@ def hf_names(config: model_lib.ModelConfig):
   """(our path, layer or None, Hugging Face name) for every tensor."""
   yield ('embedding',), None, 'model.embed_tokens'
   yield ('norm', 'scale'), None, 'model.norm'
-  yield ('output',), None, 'lm_head'
+  if not config.tie_embeddings:
+    yield ('output',), None, 'lm_head'
   for i in range(config.n_layers):
     for path, name in LAYER_NAMES.items():
       yield ('layers', *path), i, f'model.layers.{i}.{name}'
@@ -190,8 +225,6 @@ def read_hf(folder: str):
 
   def read_tensor(name):
     key = f'{name}.weight'
-    if key not in where and name == 'lm_head' and hf.get('tie_word_embeddings'):
-      key = 'model.embed_tokens.weight'
     if key not in where:
       raise UserError(f'tensor {key} is missing from {folder}.')
     with safe_open(where[key], 'flax') as f:
@@ -225,13 +258,18 @@ def read_meta(folder: str):
   vocab_size = meta.get('vocab_size', -1)
   if vocab_size <= 0:
     vocab_size = sum(s['tok_embeddings.weight'].shape[0] for s in shards[:1])
-  config = model_lib.ModelConfig(dim=meta['dim'], n_layers=meta['n_layers'],
-                                 n_heads=meta['n_heads'], n_kv_heads=meta.get('n_kv_heads'),
-                                 vocab_size=vocab_size, multiple_of=meta.get('multiple_of', 256),
-                                 ffn_dim_multiplier=meta.get('ffn_dim_multiplier'),
-                                 norm_eps=meta.get('norm_eps', 1e-5),
-                                 rope_theta=float(meta.get('rope_theta', 10000.0)),
-                                 max_seq_len=meta.get('max_seq_len', 2048), dtype='float32')
+  scaled = meta.get('use_scaled_rope', False)
+  # params.json has no context length: Llama 3.1 (scaled rope) 128K, Llama 3.0 (its 128256
+  # vocabulary) 8192, LLaMA 1/2 2048.
+  max_seq_len = meta.get('max_seq_len',
+                         131072 if scaled else 8192 if vocab_size == 128256 else 2048)
+  config = model_lib.ModelConfig(
+      dim=meta['dim'], n_layers=meta['n_layers'], n_heads=meta['n_heads'],
+      n_kv_heads=meta.get('n_kv_heads'), vocab_size=vocab_size,
+      multiple_of=meta.get('multiple_of', 256), ffn_dim_multiplier=meta.get('ffn_dim_multiplier'),
+      norm_eps=meta.get('norm_eps', 1e-5), rope_theta=float(meta.get('rope_theta', 10000.0)),
+      rope_scaling=META_ROPE_SCALING if scaled else None, tie_embeddings='output.weight'
+      not in shards[0], max_seq_len=max_seq_len, dtype='float32')
 
   def read_tensor(name):
     if name.startswith('model.layers.'):
@@ -257,12 +295,25 @@ def read_meta(folder: str):
     raise UserError(f'{error} Are shards of {folder} missing?') from None
 
 
-def write_orbax(config: model_lib.ModelConfig, params, output: str) -> None:
-  """A parameters-only checkpoint in OUTPUT/checkpoints/0 with the model config."""
-  directory = os.path.join(output, 'checkpoints')
-  if os.path.exists(directory) and os.listdir(directory):
-    raise UserError(f'{directory} already holds checkpoints; choose an empty --output.')
-  checkpoint_lib.save_params(directory, 0, params, {'model': dataclasses.asdict(config)})
+def copy_tokenizer(source: str, destination: str) -> None:
+  """Copies the tokenizer files of folder `source` (those of TOKENIZER_FILES it has)."""
+  for name in TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(source, name)):
+      os.makedirs(destination, exist_ok=True)
+      shutil.copy2(os.path.join(source, name), os.path.join(destination, name))
+
+
+def write_orbax(config: model_lib.ModelConfig, params, output: str,
+                tokenizer_from: str = '') -> None:
+  """A parameters-only checkpoint in OUTPUT/checkpoints/0 with the model config, and the
+  tokenizer files of folder `tokenizer_from` in OUTPUT/tokenizer/."""
+  for directory in (os.path.join(output, 'checkpoints'), os.path.join(output, 'tokenizer')):
+    if os.path.exists(directory) and os.listdir(directory):
+      raise UserError(f'{directory} is not empty; choose an empty --output.')
+  checkpoint_lib.save_params(os.path.join(output, 'checkpoints'), 0, params,
+                             {'model': dataclasses.asdict(config)})
+  if tokenizer_from:
+    copy_tokenizer(tokenizer_from, os.path.join(output, 'tokenizer'))
 
 
 def read_orbax(workdir: str, step: int | None = None):
@@ -270,6 +321,10 @@ def read_orbax(workdir: str, step: int | None = None):
   directory = os.path.join(workdir, 'checkpoints')
   step = checkpoint_lib.find_step(directory, step)
   config = model_lib.ModelConfig.from_config(checkpoint_lib.saved_config(directory, step)['model'])
+  if not config.tie_embeddings and 'output' not in checkpoint_lib.saved_param_names(
+      directory, step):
+    raise UserError(f'{directory}/{step} has no output matrix (its embeddings are tied) but its '
+                    'config says tie_embeddings=False; restore it with model.tie_embeddings=True.')
   abstract = nnx.state(model_lib.abstract_model(config), nnx.Param)
   cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
   params = checkpoint_lib.restore_params(directory, step, abstract,
@@ -277,9 +332,10 @@ def read_orbax(workdir: str, step: int | None = None):
   return config, params
 
 
-def write_hf(config: model_lib.ModelConfig, params, output: str) -> None:
-  """A Hugging Face folder: config.json and one safetensors file per layer (plus one for
-  the embedding, final norm and output), so only one layer is ever copied at a time."""
+def write_hf(config: model_lib.ModelConfig, params, output: str, tokenizer_from: str = '') -> None:
+  """A Hugging Face folder: config.json, one safetensors file per layer (plus one for the
+  embedding, final norm and output), so only one layer is ever copied at a time, and the
+  tokenizer files of folder `tokenizer_from`."""
   from safetensors.numpy import save_file
   if os.path.exists(output) and os.listdir(output):
     raise UserError(f'{output} is not empty; choose an empty --output.')
@@ -305,6 +361,8 @@ def write_hf(config: model_lib.ModelConfig, params, output: str) -> None:
     json.dump({'metadata': {'total_size': total_bytes}, 'weight_map': weight_map}, f, indent=2)
   with open(os.path.join(output, 'config.json'), 'w') as f:
     json.dump(hf_config_from_model(config), f, indent=2)
+  if tokenizer_from:
+    copy_tokenizer(tokenizer_from, output)
 
 
 flags.DEFINE_enum('source', None, ['hf', 'meta', 'orbax'], 'What --input holds.')
@@ -319,10 +377,11 @@ def main(argv):
   FLAGS = flags.FLAGS
   try:
     if FLAGS.source == 'orbax':
-      write_hf(*read_orbax(FLAGS.input, FLAGS.step), FLAGS.output)
+      write_hf(*read_orbax(FLAGS.input, FLAGS.step), FLAGS.output,
+               tokenizer_from=os.path.join(FLAGS.input, 'tokenizer'))
     else:
       read = read_hf if FLAGS.source == 'hf' else read_meta
-      write_orbax(*read(FLAGS.input), FLAGS.output)
+      write_orbax(*read(FLAGS.input), FLAGS.output, tokenizer_from=FLAGS.input)
   except UserError as error:
     sys.exit(f'error: {error}')
   print(f'wrote {FLAGS.output}')

@@ -105,7 +105,7 @@ class HarnessModel(LM):
         prompts = [[self.tokenizer.bos_id()] +
                    _last(self.tokenizer.encode(requests[i].args[0]), room) for i in chunk]
         prompts += [[self.tokenizer.bos_id()]] * (self.batch_size - len(chunk))  # one shape
-        generated = generate.generate(self.model, prompts, sampling, self.tokenizer.eos_id())
+        generated = generate.generate(self.model, prompts, sampling, {self.tokenizer.eos_id()})
         for index, tokens in zip(chunk, generated):
           text = self.tokenizer.decode(tokens)
           cut = min((text.find(stop) for stop in until if stop and stop in text), default=-1)

@@ -5,7 +5,9 @@ A pre-norm decoder: token embedding, then `n_layers` identical blocks
     x = x + attention(rms_norm(x))      # rotary positions, grouped-query heads
     x = x + swiglu(rms_norm(x))         # w2(silu(w1 x) * w3 x)
 
-then a final RMSNorm and an untied output projection to the vocabulary. No biases.
+then a final RMSNorm and the output projection to the vocabulary: its own matrix, or the
+embedding table itself (`tie_embeddings`, Llama 3.2 1B/3B). No biases. Rotary
+frequencies may be scaled for long contexts (`rope_scaling`, Llama 3.1; see rope.py).
 
 Parameters are float32 and name their logical axes (`embed`, `heads`, `kv_heads`,
 `head_dim`, `mlp`, `vocab`, `layers`); `sharding.py` maps those names onto a device mesh.
@@ -24,6 +26,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax import attention as attention_lib
+from llama_jax import rope
 from llama_jax.errors import ConfigError
 from llama_jax.sharding import compute_platform, constrain
 
@@ -55,6 +58,8 @@ class ModelConfig:
   ffn_dim_multiplier: float | None = None
   norm_eps: float = 1e-6
   rope_theta: float = 10000.0
+  rope_scaling: rope.LinearScaling | rope.Llama3Scaling | None = None  # see rope.py
+  tie_embeddings: bool = False  # the output projection is the embedding table
   max_seq_len: int = 2048
   dtype: str = 'bfloat16'  # compute dtype; parameters are always float32
   attention: str = 'auto'  # see attention.py
@@ -62,6 +67,9 @@ class ModelConfig:
   scan_layers: bool = True  # False: a Python loop over layers, for debugging
 
   def __post_init__(self):
+    # A dict (from a config file or a saved checkpoint) becomes its frozen dataclass.
+    object.__setattr__(self, 'rope_scaling', rope.scaling_from_dict(self.rope_scaling))
+
     def check(ok, message):
       if not ok:
         raise ConfigError(message)
@@ -171,15 +179,14 @@ class RMSNorm(nnx.Module):
     return (normed * self.scale[...]).astype(x.dtype)
 
 
-def apply_rotary(x, positions, theta):
+def apply_rotary(x, positions, theta, scaling=None):
   """Rotates each (i, i + head_dim/2) feature pair by position * theta^(-2i/head_dim).
 
-  x: [batch, length, heads, head_dim]; positions: [batch, length]. This is the
-  "rotate half" layout of Hugging Face; Meta's interleaved pairs differ by a
-  permutation of the query and key projections (see convert.py).
+  x: [batch, length, heads, head_dim]; positions: [batch, length]; `scaling` adjusts the
+  frequencies (rope.py). This is the "rotate half" layout of Hugging Face; Meta's
+  interleaved pairs differ by a permutation of the query and key projections (convert.py).
   """
-  half = x.shape[-1] // 2
-  inverse_freq = theta**(-jnp.arange(half, dtype=jnp.float32) / half)  # [half]
+  inverse_freq = rope.inverse_frequencies(x.shape[-1], theta, scaling)  # [head_dim / 2]
   angles = positions[..., None].astype(jnp.float32) * inverse_freq  # [batch, length, half]
   sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -202,8 +209,9 @@ class Attention(nnx.Module):
     q = project(x, self.wq[...].astype(dtype))  # [batch, length, heads, head_dim]
     k = project(x, self.wk[...].astype(dtype))  # [batch, length, kv_heads, head_dim]
     v = project(x, self.wv[...].astype(dtype))
-    q = checkpoint_name(apply_rotary(q, positions, config.rope_theta), 'query')
-    k = checkpoint_name(apply_rotary(k, positions, config.rope_theta), 'key')
+    q = apply_rotary(q, positions, config.rope_theta, config.rope_scaling)
+    k = apply_rotary(k, positions, config.rope_theta, config.rope_scaling)
+    q, k = checkpoint_name(q, 'query'), checkpoint_name(k, 'key')
     v = checkpoint_name(v, 'value')
     # Queries stay split along the sequence; keys and values are gathered across it.
     q = constrain(q, ('batch', 'length', 'act_heads', None))
@@ -264,16 +272,22 @@ class Transformer(nnx.Module):
 
     self.layers = stacked_blocks(rngs)  # every parameter gets a leading [layers] axis
     self.norm = RMSNorm(config, rngs=rngs)
-    self.output = _param(rngs, (config.dim, config.vocab_size), ('embed', 'vocab'))
+    if not config.tie_embeddings:
+      self.output = _param(rngs, (config.dim, config.vocab_size), ('embed', 'vocab'))
+
+  def output_weights(self):
+    """The output projection [embed, vocab] float32: logits = features @ output_weights."""
+    return self.embedding[...].T if self.config.tie_embeddings else self.output[...]
 
   def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
     """Returns (logits [batch, length, vocab] float32, cache); arguments as in `features`."""
     x, cache = self.features(tokens, positions, segment_ids, cache)
-    logits = project(x, self.output[...].astype(self.config.compute_dtype), out_dtype=jnp.float32)
+    w = self.output_weights().astype(self.config.compute_dtype)
+    logits = project(x, w, out_dtype=jnp.float32)
     return constrain(logits, ('batch', 'length', 'act_vocab')), cache
 
   def features(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
-    """Returns (final normed features [batch, length, embed], cache): logits = x @ output.
+    """Returns (final normed features [batch, length, embed], cache).
 
     tokens, positions, segment_ids: [batch, length] int. Positions default to
     0..length-1 (after the cache's index when decoding). Segment ids, if given, keep

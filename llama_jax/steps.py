@@ -63,8 +63,8 @@ def token_losses(params, graphdef, batch, z_loss: float, segment_mask: bool, los
     x, _ = model.features(batch['inputs'], batch['positions'], batch['segment_ids'])
   else:
     x, _ = model.features(batch['inputs'])
-  loss, nll = cross_entropy.cross_entropy(x, model.output[...], batch['targets'], batch['weights'],
-                                          z_loss, loss_chunks)
+  loss, nll = cross_entropy.cross_entropy(x, model.output_weights(), batch['targets'],
+                                          batch['weights'], z_loss, loss_chunks)
   return loss, jnp.sum(batch['weights']), nll
 
 

@@ -22,6 +22,7 @@ from llama_jax import evaluation
 from llama_jax import experiment as experiment_lib
 from llama_jax import goodput as goodput_lib
 from llama_jax import metrics as metrics_lib
+from llama_jax import model as model_lib
 from llama_jax import preemption
 from llama_jax import processes
 from llama_jax import sharding as sharding_lib
@@ -34,7 +35,8 @@ from llama_jax.errors import UserError
 RESTORE_ATTEMPTS = 3  # reads of a checkpoint before a process calls it unreadable
 # Model keys that fix the shapes of the parameters (a checkpoint must agree on them).
 SHAPE_KEYS = ('dim', 'n_layers', 'n_heads', 'n_kv_heads', 'vocab_size', 'multiple_of',
-              'ffn_dim_multiplier')
+              'ffn_dim_multiplier', 'tie_embeddings')
+DEFAULT_MODEL = dataclasses.asdict(model_lib.ModelConfig())
 
 
 def _check_workdir(workdir: str) -> None:
@@ -55,9 +57,8 @@ def _check_checkpoint_matches(directory: str, step: int, model_config, workdir: 
   except Exception:  # an unreadable checkpoint: restoring deals with it (and sets it aside)
     return
   current = dataclasses.asdict(model_config)
-  different = [
-      f'{k} {saved.get(k)} vs {current[k]}' for k in SHAPE_KEYS if saved.get(k) != current[k]
-  ]
+  saved = {**DEFAULT_MODEL, **saved}  # keys newer than the checkpoint have their defaults
+  different = [f'{k} {saved[k]} vs {current[k]}' for k in SHAPE_KEYS if saved[k] != current[k]]
   if different:
     raise UserError(f'{workdir} holds a checkpoint of a different model '
                     f'({", ".join(different)}, saved vs now); use another --workdir or the '

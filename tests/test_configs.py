@@ -26,6 +26,25 @@ def test_paper_parameter_counts(name, params, hidden):
   assert model_lib.count_params(model_lib.abstract_model(config)) == params
 
 
+@pytest.mark.parametrize('name,params,hidden,kv_heads,tied', [
+    ('llama2_7b', 6_738_415_616, 11008, 32, False),
+    ('llama2_13b', 13_015_864_320, 13824, 40, False),
+    ('llama2_70b', 68_976_648_192, 28672, 8, False),
+    ('llama3_8b', 8_030_261_248, 14336, 8, False),
+    ('llama3_70b', 70_553_706_496, 28672, 8, False),
+    ('llama3_405b', 405_853_388_800, 53248, 8, False),
+    ('llama3_2_1b', 1_235_814_400, 8192, 8, True),
+    ('llama3_2_3b', 3_212_749_824, 8192, 8, True),
+])
+def test_llama2_and_3_parameter_counts(name, params, hidden, kv_heads, tied):
+  config = model_config(name)
+  assert (config.hidden_dim, config.kv_heads, config.tie_embeddings) == (hidden, kv_heads, tied)
+  assert model_lib.count_params(model_lib.abstract_model(config)) == params
+  if name.startswith('llama3'):
+    assert config.rope_theta == 500_000 and config.rope_scaling.type == 'llama3'
+    assert config.vocab_size == 128_256 and config.max_seq_len == 131_072
+
+
 def test_tiny_and_small_sizes():
   tiny = model_lib.count_params(model_lib.abstract_model(model_config('tiny')))
   small = model_lib.count_params(model_lib.abstract_model(model_config('small')))
@@ -40,6 +59,9 @@ def test_tiny_and_small_sizes():
     (dict(remat='some'), ['model.remat', 'save_dots']),
     (dict(dtype='int8'), ['model.dtype', 'bfloat16']),
     (dict(n_layers=0), ['model.n_layers']),
+    (dict(rope_scaling=dict(type='yarn', factor=2.0)), ['model.rope_scaling', 'llama3', 'linear']),
+    (dict(rope_scaling=dict(type='linear', factor=2.0, low_freq_factor=1.0)), ['low_freq_factor']),
+    (dict(rope_scaling=dict(type='llama3', factor=8.0)), ['original_max_position_embeddings']),
 ])
 def test_bad_model_config_is_one_clear_sentence(overrides, words):
   with pytest.raises(ConfigError) as error:

@@ -168,7 +168,7 @@ def test_generation_matches_a_loop_without_cache_and_compiles_once():
   sampling = generate.Sampling(max_new_tokens=6)
   eos = 7
   generate._generate.clear_cache()
-  got = generate.generate(model, prompts, sampling, eos_id=eos)
+  got = generate.generate(model, prompts, sampling, stop_ids={eos})
   for prompt, row in zip(prompts, got):
     sequence, want = list(prompt), []
     for _ in range(6):  # naive greedy decoding: the full forward pass every time
@@ -178,11 +178,11 @@ def test_generation_matches_a_loop_without_cache_and_compiles_once():
       sequence.append(token)
       want.append(token)
     assert row == want
-  generate.generate(model, [[1, 2, 3, 4, 5], [1, 3]], sampling, eos_id=eos)
+  generate.generate(model, [[1, 2, 3, 4, 5], [1, 3]], sampling, stop_ids={eos})
   assert generate._generate._cache_size() == 1  # same shapes: compiled once
 
   model.norm.scale[...] = model.norm.scale[...] * 0  # every logit 0: argmax is token 0
-  assert generate.generate(model, prompts, sampling, eos_id=0) == [[], []]
+  assert generate.generate(model, prompts, sampling, stop_ids={0}) == [[], []]
 
 
 def test_bad_workdirs_and_steps(run, tmp_path):
