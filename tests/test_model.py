@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from llama_jax import model as model_lib
+from llama_jax import rope
 from llama_jax.errors import ConfigError
 
 CONFIG = model_lib.ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=97,
@@ -66,6 +67,40 @@ def test_rotary_matches_complex_rotation():
   freq = 500.0**(-np.arange(4) / 4)
   pairs = (x[..., :4] + 1j * x[..., 4:]) * np.exp(1j * positions[..., None, None] * freq)
   np.testing.assert_allclose(out, np.concatenate([pairs.real, pairs.imag], -1), atol=1e-5)
+
+
+def meta_apply_scaling(freqs, factor, low_freq_factor, high_freq_factor, old_context_len):
+  """Meta's llama-models `apply_scaling` (Llama 3.1), element by element in float64."""
+  low_freq_wavelen, high_freq_wavelen = old_context_len / low_freq_factor, \
+      old_context_len / high_freq_factor
+  scaled = []
+  for freq in freqs:
+    wavelen = 2 * np.pi / freq
+    if wavelen < high_freq_wavelen:
+      scaled.append(freq)
+    elif wavelen > low_freq_wavelen:
+      scaled.append(freq / factor)
+    else:
+      smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+      scaled.append((1 - smooth) * freq / factor + smooth * freq)
+  return np.array(scaled)
+
+
+@pytest.mark.parametrize('head_dim,theta,context', [(128, 500000.0, 8192), (32, 500000.0, 32),
+                                                    (64, 10000.0, 64)])
+def test_llama3_frequencies_match_metas_apply_scaling(head_dim, theta, context):
+  freqs = theta**(-np.arange(0, head_dim, 2) / head_dim)
+  want = meta_apply_scaling(freqs, 8.0, 1.0, 4.0, context)
+  scaling = rope.scaling_from_dict(
+      dict(type='llama3', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+           original_max_position_embeddings=context))
+  got = np.asarray(rope.inverse_frequencies(head_dim, theta, scaling))
+  np.testing.assert_allclose(got, want, rtol=2e-6)
+  kept, divided = np.isclose(want, freqs), np.isclose(want, freqs / 8)
+  assert kept.any() and divided.any() and (~kept & ~divided).any()  # all three bands
+  linear = rope.scaling_from_dict(dict(type='linear', factor=4.0))
+  np.testing.assert_allclose(rope.inverse_frequencies(head_dim, theta, linear), freqs / 4,
+                             rtol=2e-6)
 
 
 def test_cached_decoding_matches_full_forward():

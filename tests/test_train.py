@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from llama_jax import checkpoint as checkpoint_lib
 from llama_jax import train_loop
 from llama_jax.errors import ConfigError, UserError
 
@@ -58,6 +59,29 @@ def test_resume_is_exact_and_works_on_another_mesh(text_dir, data_dir, tmp_path,
   other = losses(other_mesh)
   np.testing.assert_allclose([other[s] for s in range(11, 21)], [want[s] for s in range(11, 21)],
                              rtol=2e-4)
+
+
+@pytest.mark.slow
+def test_tied_embeddings_learn_and_resume_exactly(text_dir, data_dir, tmp_path, small_config,
+                                                  losses, final_params):
+  """Llama 3.2's tied input/output embeddings, with scaled rope and loss chunks."""
+  tied = {
+      'model.tie_embeddings': True,
+      'model.rope_scaling': dict(type='llama3', factor=8.0, low_freq_factor=1.0,
+                                 high_freq_factor=4.0, original_max_position_embeddings=16),
+      'train.loss_chunks': 4,
+  }
+  straight, resumed = str(tmp_path / 'a'), str(tmp_path / 'b')
+  train_loop.train(small_config(text_dir, data_dir, **tied), straight)
+  train_loop.train(small_config(text_dir, data_dir, **tied, **{'train.steps': 10}), resumed)
+  train_loop.train(small_config(text_dir, data_dir, **tied), resumed)
+  want, got = losses(straight), losses(resumed)
+  assert want[20] < want[1] - 0.5, want
+  assert [got[s] for s in range(11, 21)] == [want[s] for s in range(11, 21)]  # bitwise
+  for a, b in zip(final_params(resumed, 20), final_params(straight, 20)):
+    np.testing.assert_array_equal(a, b)
+  names = checkpoint_lib.saved_param_names(os.path.join(straight, 'checkpoints'), 20)
+  assert names == {'embedding', 'layers', 'norm'}  # one table: no separate output matrix
 
 
 @pytest.mark.slow

@@ -186,3 +186,43 @@ def test_bad_mesh_is_a_clear_error(sizes, words):
   with pytest.raises(ConfigError) as error:
     sharding_lib.mesh_shape(dict(zip(sharding_lib.MESH_AXES, sizes)), 8)
   assert all(word in str(error.value) for word in words), str(error.value)
+
+
+TIED = dataclasses.replace(MODEL, tie_embeddings=True)
+
+
+def test_tied_embeddings_are_one_parameter_with_both_gradients():
+  """The chunked loss of a tied model against autodiff through the full logits."""
+  batch = make_batch()
+  model = model_lib.Transformer(TIED, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  assert 'output' not in params
+  assert model_lib.count_params(model) == model_lib.count_params(
+      model_lib.Transformer(MODEL, rngs=nnx.Rngs(0))) - MODEL.dim * MODEL.vocab_size
+
+  def chunked(params):
+    return steps.token_losses(params, graphdef, batch, 0.0, True, loss_chunks=4)[0]
+
+  def naive(params):
+    logits, _ = nnx.merge(graphdef, params)(batch['inputs'], batch['positions'],
+                                            batch['segment_ids'])
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+    return jnp.sum(nll * batch['weights'])
+
+  want, got = jax.grad(naive)(params), jax.grad(chunked)(params)
+  np.testing.assert_allclose(chunked(params), naive(params), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_tied_sharded_chunked_step_equals_single_device():
+  want_state, want_metrics = run_step((1, 1, 1, 1), make_batch(), devices=jax.devices()[:1],
+                                      model=TIED)
+  state, metrics = run_step((1, 2, 2, 2), make_batch(), loss_chunks=4, model=TIED)
+  np.testing.assert_allclose(metrics['loss'], want_metrics['loss'], rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(want_state.params)):
+    np.testing.assert_allclose(got, want, atol=2e-6)
+  table = state.params['embedding'][...]  # [vocab, embed]: sharded once, as the rules say
+  assert table.sharding.spec == jax.sharding.PartitionSpec('tensor', ('fsdp', 'sequence'))
+  assert 'output' not in state.params and 'output' not in state.opt_state[1][0].mu
