@@ -33,10 +33,11 @@ from llama_jax.data import tokenizer as tokenizer_lib
 from llama_jax.errors import UserError
 
 RESTORE_ATTEMPTS = 3  # reads of a checkpoint before a process calls it unreadable
-# Model keys that fix the shapes of the parameters (a checkpoint must agree on them).
-SHAPE_KEYS = ('dim', 'n_layers', 'n_heads', 'n_kv_heads', 'vocab_size', 'multiple_of',
-              'ffn_dim_multiplier', 'tie_embeddings')
-DEFAULT_MODEL = dataclasses.asdict(model_lib.ModelConfig())
+# Model properties that fix the shapes of the parameters (a checkpoint must agree on them;
+# the SwiGLU width, not the multiple_of / ffn_dim_multiplier that give it: a converted
+# checkpoint states it one way, a paper config another).
+SHAPE_KEYS = ('dim', 'n_layers', 'n_heads', 'kv_heads', 'vocab_size', 'hidden_dim',
+              'tie_embeddings')
 
 
 def _check_workdir(workdir: str) -> None:
@@ -53,12 +54,13 @@ def _check_workdir(workdir: str) -> None:
 
 def _check_checkpoint_matches(directory: str, step: int, model_config, workdir: str) -> None:
   try:
-    saved = checkpoint_lib.saved_config(directory, step)['model']
+    saved = model_lib.ModelConfig.from_config(checkpoint_lib.saved_config(directory, step)['model'])
   except Exception:  # an unreadable checkpoint: restoring deals with it (and sets it aside)
     return
-  current = dataclasses.asdict(model_config)
-  saved = {**DEFAULT_MODEL, **saved}  # keys newer than the checkpoint have their defaults
-  different = [f'{k} {saved[k]} vs {current[k]}' for k in SHAPE_KEYS if saved[k] != current[k]]
+  different = [
+      f'{k} {getattr(saved, k)} vs {getattr(model_config, k)}' for k in SHAPE_KEYS
+      if getattr(saved, k) != getattr(model_config, k)
+  ]
   if different:
     raise UserError(f'{workdir} holds a checkpoint of a different model '
                     f'({", ".join(different)}, saved vs now); use another --workdir or the '

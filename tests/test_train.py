@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from llama_jax import checkpoint as checkpoint_lib
+from llama_jax import model as model_lib
 from llama_jax import train_loop
 from llama_jax.errors import ConfigError, UserError
 
@@ -143,7 +144,15 @@ def test_start_up_errors_are_clear_and_touch_nothing(text_dir, data_dir, tmp_pat
   config.model.dim = 128
   with pytest.raises(UserError, match='holds a checkpoint of a different model .dim 64 vs 128'):
     train_loop.train(config, workdir)
+  config = small_config(text_dir, data_dir, **{'train.steps': 4, 'model.tie_embeddings': True})
+  with pytest.raises(UserError, match='tie_embeddings False vs True'):
+    train_loop.train(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
+  # The same SwiGLU width stated another way (as a converted checkpoint states it) resumes.
+  config = small_config(text_dir, data_dir, **{'train.steps': 3, 'train.eval_every': 0})
+  config.model.multiple_of = model_lib.ModelConfig.from_config(config.model).hidden_dim
+  train_loop.train(config, workdir)
+  assert '3' in os.listdir(os.path.join(workdir, 'checkpoints'))
 
 
 @pytest.mark.slow
