@@ -42,7 +42,8 @@ def run(main, default: str, help_string: str):
     except (UserError, flags.Error) as error:  # flags.Error: an unreadable --flagfile
       print(f'error: {error}', file=sys.stderr)
       sys.exit(2)
-    config_flags.DEFINE_config_file(NAME, default, help_string)
+    holder = config_flags.DEFINE_config_file(NAME, default, help_string)
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[holder.name])  # in --help
     return app.parse_flags_with_usage(argv)
 
   app.run(main, flags_parser=parse)
