@@ -82,9 +82,12 @@ def load(path: str):
     raise UserError(f'{where}: the file defines no get_config(); a config file returns its '
                     'ConfigDict from get_config() (see configs/tiny.py)')
   try:
-    return module.get_config(*args)
+    config = module.get_config(*args)
   except Exception as error:
     raise UserError(f'{where}: get_config() raised {_one_line(error)}') from None
+  if not isinstance(config, (ml_collections.ConfigDict, dict)):
+    raise UserError(f'{where}: get_config() returned a {type(config).__name__}, not a ConfigDict')
+  return config
 
 
 def holder_of(config, override: str):
