@@ -1,4 +1,5 @@
-"""The fit tables: the smallest v5p and v4 slice that holds each config's training step.
+"""The fit tables of docs/tpu.md and docs/llama3.md: the smallest v5p and v4 slice that holds
+each config's training step.
 
   python -m benchmarks.fit_table [--configs=llama_7b,llama_13b,llama_33b,llama_65b]
   python -m benchmarks.fit_table --configs=llama3_8b,llama3_70b,llama3_405b --families=v5p \
