@@ -12,7 +12,7 @@ import tokenizers
 import transformers
 from flax import nnx
 
-from llama_jax import convert, evaluation, harness, train_loop
+from llama_jax import convert, evaluation, harness, scoring, train_loop
 from llama_jax import model as model_lib
 from llama_jax.data import tokenizer as tokenizer_lib
 from llama_jax.errors import UserError
@@ -56,8 +56,8 @@ def naive_scores(model, tokens, start):
 def joint_tokens(tokenizer, context, continuation):
   """BOS + context + continuation tokenized together, and where the context's own tokens end
   (these tests' pairs do not merge across the boundary: asserted)."""
-  context_ids = [tokenizer.bos_id()] + tokenizer.encode(context)
-  tokens = [tokenizer.bos_id()] + tokenizer.encode(context + continuation)
+  context_ids = [tokenizer.bos_id] + tokenizer.encode(context)
+  tokens = [tokenizer.bos_id] + tokenizer.encode(context + continuation)
   assert tokens[:len(context_ids)] == context_ids
   return tokens, len(context_ids)
 
@@ -68,13 +68,13 @@ def test_a_pair_merged_across_the_boundary_keeps_the_contexts_tokens(tokenizer):
   for word in ('alpha', 'return', 'print', 'range', 'import', 'lambda', 'value', 'string'):
     for cut in range(1, len(word)):
       context, continuation = 'x = ' + word[:cut], word[cut:]
-      context_ids = [tokenizer.bos_id()] + tokenizer.encode(context)
-      joint = [tokenizer.bos_id()] + tokenizer.encode(context + continuation)
+      context_ids = [tokenizer.bos_id] + tokenizer.encode(context)
+      joint = [tokenizer.bos_id] + tokenizer.encode(context + continuation)
       if joint[:len(context_ids)] != context_ids:
         merged.append((context, continuation, context_ids))
   assert merged  # the fallback below is exercised
   for context, continuation, context_ids in merged:
-    tokens, start = evaluation.continuation_tokens(tokenizer, context, continuation)
+    tokens, start = scoring.continuation_tokens(tokenizer, context, continuation)
     assert (tokens, start) == (context_ids + tokenizer.encode(continuation), len(context_ids))
 
 
@@ -99,14 +99,14 @@ def test_rolling_loglikelihood_scores_every_token_once(model, tokenizer):
   got = harness.HarnessModel(model,
                              tokenizer).loglikelihood_rolling([Request(short),
                                                                Request(long)])
-  tokens = [tokenizer.bos_id()] + tokenizer.encode(short)
+  tokens = [tokenizer.bos_id] + tokenizer.encode(short)
   assert got[0] == pytest.approx(naive_scores(model, tokens, 1)[0], abs=1e-4)
   ids = tokenizer.encode(long)
   assert len(ids) > 64  # several windows of the model's 64 tokens
   # The harness's windows, each scored by a naive forward pass: every token exactly once.
   windows = [
       utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
-          token_list=ids, prefix_token=tokenizer.bos_id(), max_seq_len=64, context_len=1)
+          token_list=ids, prefix_token=tokenizer.bos_id, max_seq_len=64, context_len=1)
   ]
   assert sum(len(continuation) for _, continuation in windows) == len(ids)
   want = sum(naive_scores(model, c + x, len(c))[0] for c, x in windows)
@@ -114,14 +114,14 @@ def test_rolling_loglikelihood_scores_every_token_once(model, tokenizer):
 
 
 def naive_greedy(model, tokenizer, prompt, new_tokens):
-  tokens = [tokenizer.bos_id()] + tokenizer.encode(prompt)
+  tokens = [tokenizer.bos_id] + tokenizer.encode(prompt)
   for _ in range(new_tokens):
     logits = np.asarray(model(np.array([tokens]))[0][0, -1])
     tokens.append(int(logits.argmax()))
-    if tokens[-1] == tokenizer.eos_id():
+    if tokens[-1] == tokenizer.eos_id:
       break
   generated = tokens[len(tokenizer.encode(prompt)) + 1:]
-  if generated and generated[-1] == tokenizer.eos_id():
+  if generated and generated[-1] == tokenizer.eos_id:
     generated = generated[:-1]
   return tokenizer.decode(generated)
 
@@ -203,8 +203,7 @@ def test_a_local_task_scores_like_a_naive_per_example_scorer(model, tokenizer, t
   correct = correct_norm = 0
   for example in examples:
     scores = [
-        naive_scores(model, *evaluation.continuation_tokens(tokenizer, example['context'],
-                                                            choice))[0]
+        naive_scores(model, *scoring.continuation_tokens(tokenizer, example['context'], choice))[0]
         for choice in example['choices']
     ]
     correct += int(np.argmax(scores) == example['label'])
