@@ -2,6 +2,7 @@
 
   python eval.py --workdir=W --harness_tasks=piqa,hellaswag [--harness_include_path=DIR]
   python eval.py --workdir=W --paper_table    # the LLaMA paper's zero-shot Table 3
+  python -m llama_jax.lm_eval_model --model llama_jax --model_args workdir=W --tasks piqa
 
 `HarnessModel` answers the harness's three kinds of request with our model: log-likelihoods
 of continuations (batched by length through scoring.score_continuations, the scorer
@@ -22,9 +23,10 @@ from lm_eval.api.model import LM
 from llama_jax import generate, scoring
 from llama_jax.errors import UserError
 
-# The LLaMA paper's Table 3 (zero-shot): column, the harness's task, the metric shown (the
-# paper normalizes by characters, the harness's acc_norm by bytes; BoolQ and WinoGrande
-# use plain accuracy), and the paper's LLaMA rows in percent.
+# The LLaMA paper's Table 3 (zero-shot): column, the harness's task, the metric shown
+# (acc_norm: the log-likelihood divided by the choice's length in characters, as the paper
+# normalizes; the harness's acc_bytes divides by UTF-8 bytes; BoolQ and WinoGrande use plain
+# accuracy), and the paper's LLaMA rows in percent.
 PAPER_TABLE_3 = (
     ('BoolQ', 'boolq', 'acc', (76.5, 78.1, 83.1, 85.3)),
     ('PIQA', 'piqa', 'acc_norm', (79.8, 80.1, 82.3, 82.8)),

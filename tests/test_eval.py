@@ -180,6 +180,10 @@ def test_generation_matches_a_loop_without_cache_and_compiles_once():
     assert row == want
   generate.generate(model, [[1, 2, 3, 4, 5], [1, 3]], sampling, stop_ids=[eos])
   assert generate._generate._cache_size() == 1  # same shapes: compiled once
+  # Several stop ids (Llama 3 ends on <|eot_id|> or <|end_of_text|>): each row ends at its first.
+  second = got[0][2]
+  two = generate.generate(model, prompts, sampling, stop_ids={eos, second})
+  assert two == [row[:row.index(second)] if second in row else row for row in got]
 
   model.norm.scale[...] = model.norm.scale[...] * 0  # every logit 0: argmax is token 0
   assert generate.generate(model, prompts, sampling, stop_ids=[0]) == [[], []]
