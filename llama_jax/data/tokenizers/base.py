@@ -18,9 +18,9 @@ class Tokenizer(abc.ABC):
   special_tokens: dict[str, int]
   chat_template: str | None = None
 
+  @abc.abstractmethod
   def encode(self, text: str) -> list[int]:
     """The text's ids, no BOS/EOS added; special-token strings in it stay plain text."""
-    return self.encode_batch([text])[0]
 
   @abc.abstractmethod
   def encode_batch(self, texts: list[str]) -> list[list[int]]:

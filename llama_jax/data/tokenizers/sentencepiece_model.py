@@ -20,6 +20,9 @@ class SentencePieceTokenizer(base.Tokenizer):
         if self.processor.is_control(i) or self.processor.is_unknown(i)
     }
 
+  def encode(self, text: str) -> list[int]:
+    return self.processor.encode(text)
+
   def encode_batch(self, texts):
     return self.processor.encode(list(texts), num_threads=os.cpu_count() or 1)
 

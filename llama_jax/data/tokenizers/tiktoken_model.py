@@ -52,6 +52,9 @@ class TiktokenTokenizer(base.Tokenizer):
     self.stop_ids = frozenset(self.special_tokens[token] for token in STOP_TOKENS)
     self._ranks = ranks
 
+  def encode(self, text: str) -> list[int]:
+    return self.encoding.encode_ordinary(text)
+
   def encode_batch(self, texts):
     # Ordinary: special-token strings in the text are encoded as the text they are.
     return self.encoding.encode_ordinary_batch(list(texts), num_threads=os.cpu_count() or 1)

@@ -68,6 +68,9 @@ class TokenizerJson(base.Tokenizer):
     self.stop_ids = frozenset(
         [self.eos_id] + [self.special_tokens[t] for t in LLAMA3_STOPS if t in self.special_tokens])
 
+  def encode(self, text: str) -> list[int]:
+    return self.tokenizer.encode(text, add_special_tokens=False).ids
+
   def encode_batch(self, texts):
     encodings = self.tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
     return [encoding.ids for encoding in encodings]
