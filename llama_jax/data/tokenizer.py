@@ -65,6 +65,22 @@ def _config_beside(path: epath.Path) -> dict:
   return config
 
 
+def _tokenizer_json(data: bytes, config: dict, path: epath.Path):
+  """A tokenizer.json, or None if `data` is no JSON at all."""
+  try:
+    text = data.decode()
+    json.loads(text)
+  except (UnicodeDecodeError, json.JSONDecodeError):
+    return None
+  try:
+    return tokenizer_json.TokenizerJson(text, config, str(path))
+  except UserError:
+    raise
+  except Exception as error:  # the library raises plain Exceptions for a bad file
+    raise UserError(f'{path} is JSON but not a tokenizer.json that the tokenizers library reads '
+                    f'({str(error)[:200]}).') from None
+
+
 def load(path: str) -> base.Tokenizer:
   """The tokenizer in `path` (local or bucket; a file, or a folder holding one), of the
   format its content shows: a sentencepiece model, a tokenizer.json or tiktoken ranks."""
@@ -73,25 +89,13 @@ def load(path: str) -> base.Tokenizer:
   config = _config_beside(path)
   tokenizer = None
   if data.lstrip().startswith(b'{'):
-    try:
-      text = data.decode()
-      json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-      text = None
-    if text is not None:
-      try:
-        tokenizer = tokenizer_json.TokenizerJson(text, config, str(path))
-      except Exception as error:  # the library raises plain Exceptions for a bad file
-        if isinstance(error, UserError):
-          raise
-        raise UserError(f'{path} is JSON but not a tokenizer.json that the tokenizers library '
-                        f'reads ({str(error)[:200]}).') from None
+    tokenizer = _tokenizer_json(data, config, path)
   elif (ranks := tiktoken_model.parse_ranks(data)) is not None:
     tokenizer = tiktoken_model.TiktokenTokenizer(ranks)
   else:
     try:
       tokenizer = sentencepiece_model.SentencePieceTokenizer(data)
-    except RuntimeError:
+    except RuntimeError:  # not a sentencepiece model either
       pass
   if tokenizer is None:
     raise UserError(f'tokenizer file {path} is none of the formats known (data.tokenizer); '
