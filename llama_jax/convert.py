@@ -7,7 +7,7 @@
 The Orbax output is a parameters-only checkpoint in OUT_DIR/checkpoints/0 that eval.py
 reads (`--workdir=OUT_DIR`) and train.py fine-tunes (`--config.checkpoint.init_params`),
 with the source's tokenizer files (tokenizer.json, tokenizer_config.json,
-special_tokens_map.json, tokenizer.model) in OUT_DIR/tokenizer/; an export to Hugging Face
+special_tokens_map.json, chat_template.jinja, tokenizer.model) in OUT_DIR/tokenizer/; an export to Hugging Face
 copies WORKDIR/tokenizer/ back beside config.json. Rope scaling (Llama 3.1) and tied
 embeddings (Llama 3.2 1B/3B) travel both ways.
 Tensors are read one at a time into the stacked float32 arrays: the model is in host
@@ -29,6 +29,7 @@ from flax import nnx
 from llama_jax import checkpoint as checkpoint_lib
 from llama_jax import model as model_lib
 from llama_jax import rope
+from llama_jax.data import tokenizer as tokenizer_lib
 from llama_jax.errors import UserError
 
 # Our parameter (path in the stacked model) -> Hugging Face name, per layer where {i}.
@@ -78,8 +79,8 @@ HF_ROPE_KEYS = {
 # Meta's Llama 3.1+ `use_scaled_rope` (llama-models' apply_scaling constants).
 META_ROPE_SCALING = rope.Llama3Scaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                        original_max_position_embeddings=8192)
-TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
-                   'tokenizer.model')
+# tokenizer.json / tokenizer.model and the files read beside them (data/tokenizer.py).
+TOKENIZER_FILES = tokenizer_lib.FOLDER_FILES + tokenizer_lib.CONFIG_FILES
 
 
 def _rope_scaling_from_hf(hf: dict):

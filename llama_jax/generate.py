@@ -56,8 +56,9 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0):
   return tokens, segment_ids, positions
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'sampling', 'stop_ids'))
-def _generate(params, tokens, segment_ids, positions, rng, *, graphdef, sampling, stop_ids):
+@functools.partial(jax.jit, static_argnames=('graphdef', 'sampling'))
+def _generate(params, tokens, segment_ids, positions, stop_ids, rng, *, graphdef, sampling):
+  """stop_ids: [stops] ids that end a row (its later tokens repeat stop_ids[0])."""
   model = nnx.merge(graphdef, params)
   batch, prompt_len = tokens.shape
   cache = model_lib.KVCache.zeros(model.config, batch, prompt_len + sampling.max_new_tokens)
@@ -65,8 +66,9 @@ def _generate(params, tokens, segment_ids, positions, rng, *, graphdef, sampling
   rng, step_rng = jax.random.split(rng)
   first = sample(logits[:, -1], step_rng, sampling)
   output = jnp.zeros((batch, sampling.max_new_tokens), jnp.int32).at[:, 0].set(first)
-  stops = jnp.array(stop_ids, jnp.int32)  # [stop ids]
-  is_stop = lambda token: jnp.isin(token, stops)
+
+  def stops(token):  # [batch] -> [batch] bool
+    return jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
 
   def keep_going(carry):
     i, _, _, _, done, _, _ = carry
@@ -78,23 +80,24 @@ def _generate(params, tokens, segment_ids, positions, rng, *, graphdef, sampling
                           cache=cache)
     rng, step_rng = jax.random.split(rng)
     next_token = sample(logits[:, 0], step_rng, sampling)
-    next_token = jnp.where(done, stops[0], next_token)
-    return (i + 1, next_token, position + 1, cache, done | is_stop(next_token),
+    next_token = jnp.where(done, stop_ids[0], next_token)
+    return (i + 1, next_token, position + 1, cache, done | stops(next_token),
             output.at[:, i].set(next_token), rng)
 
-  carry = (jnp.int32(1), first, positions[:, -1] + 1, cache, is_stop(first), output, rng)
+  carry = (jnp.int32(1), first, positions[:, -1] + 1, cache, stops(first), output, rng)
   return jax.lax.while_loop(keep_going, decode_one, carry)[5]
 
 
 def generate(model, prompts: list[list[int]], sampling: Sampling, stop_ids, seed: int = 0):
-  """New tokens for each prompt (token ids), up to and without the first of `stop_ids`."""
-  stop_ids = tuple(sorted(stop_ids))
+  """New tokens for each prompt (token ids), up to and without the first of `stop_ids` (a
+  collection of ids: the tokenizer's stop_ids)."""
+  stop_ids = sorted(set(stop_ids))
   graphdef, params = nnx.split(model, nnx.Param)
   tokens, segment_ids, positions = left_pad(prompts)
-  output = _generate(params, tokens, segment_ids, positions, jax.random.key(seed),
-                     graphdef=graphdef, sampling=sampling, stop_ids=stop_ids)
+  output = _generate(params, tokens, segment_ids, positions, jnp.asarray(stop_ids, jnp.int32),
+                     jax.random.key(seed), graphdef=graphdef, sampling=sampling)
   results = []
   for row in np.asarray(output).tolist():
-    ends = [i for i, token in enumerate(row) if token in stop_ids]
-    results.append(row[:ends[0]] if ends else row)
+    end = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
+    results.append(row[:end])
   return results
