@@ -8,8 +8,8 @@ The Orbax output is a parameters-only checkpoint in OUT_DIR/checkpoints/0 that e
 reads (`--workdir=OUT_DIR`) and train.py fine-tunes (`--config.checkpoint.init_params`),
 with the source's tokenizer files (tokenizer.json, tokenizer_config.json,
 special_tokens_map.json, chat_template.jinja, tokenizer.model) in OUT_DIR/tokenizer/; an
-export to Hugging Face copies WORKDIR/tokenizer/ back beside config.json. Rope scaling (Llama 3.1) and tied
-embeddings (Llama 3.2 1B/3B) travel both ways.
+export to Hugging Face copies WORKDIR/tokenizer/ back beside config.json. Rope scaling
+(Llama 3.1) and tied embeddings (Llama 3.2 1B/3B) travel both ways.
 Tensors are read one at a time into the stacked float32 arrays: the model is in host
 memory once. The input folder is only read.
 """
