@@ -1,10 +1,13 @@
 """serve.py: a real server process on 127.0.0.1, driven with the official `openai` client."""
 
+import concurrent.futures
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -105,3 +108,178 @@ def test_greedy_completions_equal_eval_py_and_streaming_adds_up(server, workdir)
                                   temperature=0, stream=True))
     assert ''.join(c.choices[0].text for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason in ('stop', 'length')
+
+
+def _settings(i):
+  """The i-th of 32 requests: prompts, lengths and sampling settings all differ."""
+  return dict(prompt=PROMPTS[i % 4] + ' zeta' * (i % 7), max_tokens=4 + 5 * (i % 9),
+              temperature=(0.0, 0.8, 1.3)[i % 3], top_p=(1.0, 0.9)[i % 2], seed=1000 + i)
+
+
+def test_concurrent_requests_complete_and_seeded_ones_equal_served_alone(server, workdir):
+  client, model = server.client(), os.path.basename(workdir)
+  with concurrent.futures.ThreadPoolExecutor(32) as pool:
+    together = list(
+        pool.map(lambda i: client.completions.create(model=model, **_settings(i)), range(32)))
+  for i, response in enumerate(together):
+    assert response.choices[0].finish_reason in ('stop', 'length')
+    assert 0 < response.usage.completion_tokens <= _settings(i)['max_tokens']
+  alone = [client.completions.create(model=model, **_settings(i)) for i in range(32)]
+  assert [r.choices[0].text for r in alone] == [r.choices[0].text for r in together]
+  assert len({r.choices[0].text for r in together}) > 16  # the settings did change the text
+  assert server.metric('llama_slots_busy') == 0 and server.metric('llama_queue_length') == 0
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, workdir):
+  client, model = server.client(), os.path.basename(workdir)
+  request = dict(model=model, prompt='def return', max_tokens=200, temperature=0)
+  assert client.completions.create(**request).usage.completion_tokens == 200  # no early stop
+  before = server.metric('llama_generated_tokens_total')
+  stream = client.completions.create(**request, stream=True)
+  for _, _ in zip(range(3), stream):
+    pass
+  stream.close()
+  deadline = time.time() + 30
+  while server.metric('llama_slots_busy') and time.time() < deadline:
+    time.sleep(0.05)
+  assert server.metric('llama_slots_busy') == 0
+  assert server.metric('llama_generated_tokens_total') - before < 200  # stopped early
+  assert client.completions.create(**request).usage.completion_tokens == 200
+
+
+def test_logprobs_and_usage(server, workdir):
+  response = server.client().completions.create(model=os.path.basename(workdir), prompt='import',
+                                                max_tokens=8, temperature=0, logprobs=3)
+  logprobs = response.choices[0].logprobs
+  assert len(logprobs.tokens) == len(logprobs.token_logprobs) == response.usage.completion_tokens
+  assert ''.join(logprobs.tokens).strip() == response.choices[0].text.strip()
+  for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
+    assert len(top) <= 3 and chosen <= 0
+    assert chosen == pytest.approx(max(top.values()))  # greedy takes the most likely token
+  assert response.usage.total_tokens == (response.usage.prompt_tokens +
+                                         response.usage.completion_tokens)
+
+
+def test_stop_strings_cut_the_text(server, workdir):
+  client = server.client()
+  request = dict(model=os.path.basename(workdir), prompt='alpha', max_tokens=30, temperature=1,
+                 seed=7)
+  full = client.completions.create(**request).choices[0].text
+  assert len(full) >= 6
+  stop = full[len(full) // 2:len(full) // 2 + 2]
+  cut = client.completions.create(**request, stop=['never', stop])
+  assert cut.choices[0].text == full[:full.index(stop)]
+  assert cut.choices[0].finish_reason == 'stop'
+  streamed = client.completions.create(**request, stop=stop, stream=True)
+  assert ''.join(c.choices[0].text for c in streamed) == cut.choices[0].text
+
+
+def _post(server, body, **headers):
+  content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+  return httpx.post(f'{server.url}/v1/completions', content=content, timeout=30, headers={
+      'content-type': 'application/json',
+      **headers
+  })
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, workdir):
+  model = os.path.basename(workdir)
+  good = dict(model=model, prompt='alpha', max_tokens=4)
+  bad = [
+      (b'{"model": ', None),
+      ([1, 2], None),
+      ({
+          'prompt': 'alpha'
+      }, 'model'),
+      ({
+          'model': model
+      }, 'prompt'),
+      ({
+          **good, 'model': 'gpt-4'
+      }, 'model'),
+      ({
+          **good, 'max_tokens': 'ten'
+      }, 'max_tokens'),
+      ({
+          **good, 'max_tokens': 0
+      }, 'max_tokens'),
+      ({
+          **good, 'max_tokens': 255
+      }, 'max_tokens'),  # with the prompt, past the 256 tokens
+      ({
+          **good, 'temperature': 'hot'
+      }, 'temperature'),
+      ({
+          **good, 'top_p': 0
+      }, 'top_p'),
+      ({
+          **good, 'stream': 'yes'
+      }, 'stream'),
+      ({
+          **good, 'stop': 5
+      }, 'stop'),
+      ({
+          **good, 'n': 2
+      }, 'n'),
+      ({
+          **good, 'logprobs': 9
+      }, 'logprobs'),
+      ({
+          **good, 'prompt': [1, 10**6]
+      }, 'prompt'),
+  ]
+  for body, param in bad:
+    response = _post(server, body)
+    assert response.status_code == 400, body
+    error = response.json()['error']
+    assert error['type'] == 'invalid_request_error' and error['message'].endswith('.')
+    assert error['param'] == param, body
+  with pytest.raises(openai.BadRequestError, match='not served here'):
+    server.client().completions.create(model='gpt-4', prompt='alpha')
+  for i in range(200):
+    assert _post(server, bad[i % len(bad)][0]).status_code == 400
+  assert _post(server, good).json()['usage']['completion_tokens'] > 0
+  models = httpx.get(f'{server.url}/v1/models', timeout=10).json()
+  assert [m['id'] for m in models['data']] == [model]
+
+
+def test_api_key_queue_limit_and_sigterm(workdir, tmp_path):
+  server = Server(workdir, tmp_path / 'serve.txt', '--api_key=secret', '--slots=2', '--max_queue=1')
+  try:
+    model = os.path.basename(workdir)
+    with pytest.raises(openai.AuthenticationError):
+      server.client(api_key='wrong').completions.create(model=model, prompt='alpha')
+    assert _post(server, dict(model=model, prompt='alpha')).status_code == 401
+    key = {'authorization': 'Bearer secret'}
+    request = dict(model=model, prompt='def return', max_tokens=200, temperature=0)
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+      answers = list(pool.map(lambda _: _post(server, request, **key), range(12)))
+    statuses = sorted(a.status_code for a in answers)
+    assert set(statuses) == {200, 429} and statuses.count(200) >= 3, statuses
+    busy = [a for a in answers if a.status_code == 429]
+    assert busy[0].headers['retry-after'] == '1'
+    assert busy[0].json()['error']['code'] == 'rate_limit_exceeded'
+
+    client, results = server.client(api_key='secret'), []
+    first_chunks = threading.Barrier(3, timeout=60)
+
+    def stream():
+      chunks = iter(client.completions.create(**request, stream=True))
+      text = next(chunks).choices[0].text
+      first_chunks.wait()
+      rest = list(chunks)
+      results.append(
+          (text + ''.join(c.choices[0].text for c in rest), rest[-1].choices[0].finish_reason))
+
+    threads = [threading.Thread(target=stream) for _ in range(2)]
+    for thread in threads:
+      thread.start()
+    first_chunks.wait()  # both slots are streaming
+    server.process.send_signal(signal.SIGTERM)
+    for thread in threads:
+      thread.join(timeout=60)
+    assert server.process.wait(timeout=60) == 0, server.output()
+    assert len(results) == 2 and all(reason == 'length' for _, reason in results), results
+    assert len({text for text, _ in results}) == 1
+  finally:
+    server.stop()

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from llama_jax import model as model_lib
 
@@ -91,8 +93,16 @@ def _pick(logits, seeds, counts, temperature, top_p):
   return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], top_ids, top_logp
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef',), donate_argnames=('cache',))
-def _prefill(params, cache, tokens, length, slot, seed, temperature, top_p, *, graphdef):
+def _placed(cache, shardings):
+  """The cache laid out as it came in (the same input types next time: no recompilation)."""
+  kv, rows = shardings
+  constrain = jax.lax.with_sharding_constraint
+  return model_lib.KVCache(constrain(cache.k, kv), constrain(cache.v, kv),
+                           constrain(cache.segment_ids, rows), constrain(cache.index, rows))
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'shardings'), donate_argnames=('cache',))
+def _prefill(params, cache, tokens, length, slot, seed, temperature, top_p, *, graphdef, shardings):
   """Runs one prompt (tokens [1, bucket], `length` real ones, then padding), writes its keys
   and values into row `slot` of the cache and picks its first token."""
   model = nnx.merge(graphdef, params)
@@ -109,11 +119,11 @@ def _prefill(params, cache, tokens, length, slot, seed, temperature, top_p, *, g
       jax.lax.dynamic_update_slice(cache.v, fresh.v, (0, slot, 0, 0, 0)),
       jax.lax.dynamic_update_slice(cache.segment_ids, row_segments, (slot, 0)),
       cache.index.at[slot].set(length))  # decoding continues after the last real token
-  return picked, cache
+  return picked, _placed(cache, shardings)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef',), donate_argnames=('cache',))
-def _decode(params, cache, tokens, seeds, counts, temperature, top_p, *, graphdef):
+@functools.partial(jax.jit, static_argnames=('graphdef', 'shardings'), donate_argnames=('cache',))
+def _decode(params, cache, tokens, seeds, counts, temperature, top_p, *, graphdef, shardings):
   """One token for every row: tokens and sampling arguments [slots]; each row attends to its
   own keys, written at its own index."""
   model = nnx.merge(graphdef, params)
@@ -125,7 +135,7 @@ def _decode(params, cache, tokens, seeds, counts, temperature, top_p, *, graphde
                                            cache.index)
 
   logits, cache = jax.vmap(one_row, in_axes=(_ROW_AXES, 0), out_axes=(0, _ROW_AXES))(cache, tokens)
-  return _pick(logits, seeds, counts, temperature, top_p), cache
+  return _pick(logits, seeds, counts, temperature, top_p), _placed(cache, shardings)
 
 
 class Engine:
@@ -135,8 +145,16 @@ class Engine:
     self.config = model.config
     self.slots, self.max_len, self.max_queue = slots, model.config.max_seq_len, max_queue
     self.metrics = metrics
+    # Keys and values split over the mesh's `tensor` axis by kv head (as the projections
+    # are), the rest replicated.
+    mesh = jax.tree.leaves(self.params)[0].sharding.mesh
+    tensor = dict(mesh.shape).get('tensor', 1)
+    heads = 'tensor' if tensor > 1 and model.config.kv_heads % tensor == 0 else None
+    self._shardings = (NamedSharding(mesh, P(None, None, None, heads)), NamedSharding(mesh, P()))
     cache = model_lib.KVCache.zeros(model.config, slots, self.max_len)
-    self._cache = dataclasses.replace(cache, index=jnp.zeros((slots,), jnp.int32))
+    self._cache = jax.device_put(
+        dataclasses.replace(cache, index=jnp.zeros((slots,), jnp.int32)),
+        model_lib.KVCache(*self._shardings[:1] * 2, *self._shardings[1:] * 2))
     self._active: list[Request | None] = [None] * slots
     # Per row: the last token and the sampling arguments, sent to each decode step.
     self._tokens = np.zeros(slots, np.int32)
@@ -222,7 +240,7 @@ class Engine:
     picked, self._cache = _prefill(self.params, self._cache, tokens, np.int32(len(request.prompt)),
                                    np.int32(slot), np.int32(request.seed),
                                    np.float32(request.temperature), np.float32(request.top_p),
-                                   graphdef=self.graphdef)
+                                   graphdef=self.graphdef, shardings=self._shardings)
     return jax.device_get(picked)
 
   def _insert(self, slot: int, request: Request):
@@ -241,7 +259,8 @@ class Engine:
     counts = np.array([r.generated if r else 0 for r in self._active], np.int32)
     start = time.monotonic()
     picked, self._cache = _decode(self.params, self._cache, self._tokens, self._seeds, counts,
-                                  self._temperature, self._top_p, graphdef=self.graphdef)
+                                  self._temperature, self._top_p, graphdef=self.graphdef,
+                                  shardings=self._shardings)
     picked = jax.device_get(picked)
     busy = 0
     for slot, request in enumerate(self._active):
