@@ -11,6 +11,7 @@ with that many slots.
 """
 
 import concurrent.futures
+import logging
 import os
 import subprocess
 import sys
@@ -99,6 +100,7 @@ def level(server, clients: int) -> dict:
 
 def main(argv):
   del argv
+  logging.getLogger('httpx').setLevel(logging.WARNING)  # not a line per request
   if not os.path.isdir(os.path.join(FLAGS.workdir, 'checkpoints')):
     raise SystemExit(f'no checkpoint in {FLAGS.workdir}; train one first: '
                      f'python train.py --workdir={FLAGS.workdir}')
