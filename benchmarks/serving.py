@@ -26,14 +26,17 @@ from absl import app, flags
 flags.DEFINE_string('workdir', 'runs/tiny', 'The checkpoint to serve (train.py quick start).')
 flags.DEFINE_list('concurrency', ['1', '4', '16', '64'], 'Concurrent clients per level.')
 flags.DEFINE_integer('slots', 16, "The server's decode slots.")
-flags.DEFINE_integer('baseline_slots', 1, 'Slots of a second server that serves the level-1 '
-                     'requests one at a time (0: none).')
+flags.DEFINE_integer(
+    'baseline_slots', 1, 'Slots of a second server that serves the level-1 '
+    'requests one at a time (0: none).')
 flags.DEFINE_integer('requests_per_client', 2, 'Requests each client sends, one after another.')
 flags.DEFINE_integer('max_tokens', 32, 'Tokens generated per request.')
 FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROMPTS = ['def __init__(self', 'import os\nimport sys\n', 'class Parser:', 'for i in range(',
-           '# Copyright', 'return self._']
+PROMPTS = [
+    'def __init__(self', 'import os\nimport sys\n', 'class Parser:', 'for i in range(',
+    '# Copyright', 'return self._'
+]
 
 
 class Server:
@@ -122,7 +125,8 @@ def main(argv):
   alone = next((r['tokens_per_s'] for r in rows if r['clients'] == 1), rows[0]['tokens_per_s'])
   print(f'{FLAGS.workdir}: {FLAGS.slots} slots, {FLAGS.max_tokens} tokens per request, '
         f'{FLAGS.requests_per_client} requests per client')
-  header = '| clients | requests | tokens/s | vs 1 client | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |'
+  header = ('| clients | requests | tokens/s | vs 1 client | TTFT p50 / p99 (s) '
+            '| ITL p50 / p99 (ms) |')
   if baseline:
     header += f' vs {FLAGS.baseline_slots}-slot server |'
   print(header)

@@ -236,8 +236,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, wor
     assert error['param'] == param, body
   with pytest.raises(openai.BadRequestError, match='not served here'):
     server.client().completions.create(model='gpt-4', prompt='alpha')
-  for i in range(200):
-    assert _post(server, bad[i % len(bad)][0]).status_code == 400
+  with httpx.Client() as connection:
+    for i in range(200):
+      assert _post(server, bad[i % len(bad)][0], connection).status_code == 400
   assert _post(server, good).json()['usage']['completion_tokens'] > 0
   models = httpx.get(f'{server.url}/v1/models', timeout=10).json()
   assert [m['id'] for m in models['data']] == [model]
