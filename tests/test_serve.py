@@ -174,9 +174,9 @@ def test_stop_strings_cut_the_text(server, workdir):
   assert ''.join(c.choices[0].text for c in streamed) == cut.choices[0].text
 
 
-def _post(server, body, **headers):
+def _post(server, body, client=httpx, timeout_s=30, **headers):
   content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-  return httpx.post(f'{server.url}/v1/completions', content=content, timeout=30, headers={
+  return client.post(f'{server.url}/v1/completions', content=content, timeout=timeout_s, headers={
       'content-type': 'application/json',
       **headers
   })
@@ -284,3 +284,15 @@ def test_api_key_queue_limit_and_sigterm(workdir, tmp_path):
     assert len({text for text, _ in results}) == 1
   finally:
     server.stop()
+
+
+def test_a_client_that_gives_up_on_a_plain_request_frees_its_slot(server, workdir):
+  body = dict(model=os.path.basename(workdir), prompt='def return', max_tokens=200, temperature=0)
+  before = server.metric('llama_generated_tokens_total')
+  with pytest.raises(httpx.TimeoutException):
+    _post(server, body, timeout_s=0.3)
+  deadline = time.time() + 30
+  while server.metric('llama_slots_busy') and time.time() < deadline:
+    time.sleep(0.05)
+  assert server.metric('llama_slots_busy') == 0
+  assert server.metric('llama_generated_tokens_total') - before < 200

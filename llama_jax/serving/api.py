@@ -122,6 +122,8 @@ class Server:
     reason = None
     try:
       while reason is None:
+        if await http.is_disconnected():  # nobody is waiting for the answer: free the slot
+          return self._answer('completions', Response(status_code=499))
         pieces, reason = await self._next(request, events, text, logprobs, pieces)
     finally:  # also when the server gives up on this request at shutdown
       request.cancelled.set()
