@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -245,7 +246,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, wor
 
 
 def test_api_key_queue_limit_and_sigterm(workdir, tmp_path):
-  server = Server(workdir, tmp_path / 'serve.txt', '--api_key=secret', '--slots=2', '--max_queue=1')
+  server = Server(workdir, tmp_path / 'serve.txt', '--api_key=secret', '--slots=2', '--max_queue=2')
   try:
     model = os.path.basename(workdir)
     with pytest.raises(openai.AuthenticationError):
@@ -256,7 +257,7 @@ def test_api_key_queue_limit_and_sigterm(workdir, tmp_path):
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
       answers = list(pool.map(lambda _: _post(server, request, **key), range(12)))
     statuses = sorted(a.status_code for a in answers)
-    assert set(statuses) == {200, 429} and statuses.count(200) >= 3, statuses
+    assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
     busy = [a for a in answers if a.status_code == 429]
     assert busy[0].headers['retry-after'] == '1'
     assert busy[0].json()['error']['code'] == 'rate_limit_exceeded'
@@ -287,12 +288,19 @@ def test_api_key_queue_limit_and_sigterm(workdir, tmp_path):
 
 
 def test_a_client_that_gives_up_on_a_plain_request_frees_its_slot(server, workdir):
-  body = dict(model=os.path.basename(workdir), prompt='def return', max_tokens=200, temperature=0)
+  body = json.dumps(
+      dict(model=os.path.basename(workdir), prompt='def return', max_tokens=240,
+           temperature=0)).encode()
   before = server.metric('llama_generated_tokens_total')
-  with pytest.raises(httpx.TimeoutException):
-    _post(server, body, timeout_s=0.3)
-  deadline = time.time() + 30
+  with socket.create_connection(('127.0.0.1', server.port), timeout=30) as connection:
+    connection.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n'
+                       b'Content-Type: application/json\r\nContent-Length: %d\r\n\r\n' % len(body) +
+                       body)
+    deadline = time.time() + 30
+    while not server.metric('llama_slots_busy') and time.time() < deadline:
+      time.sleep(0.01)
+  deadline = time.time() + 30  # closed while generating: the slot must come back early
   while server.metric('llama_slots_busy') and time.time() < deadline:
     time.sleep(0.05)
   assert server.metric('llama_slots_busy') == 0
-  assert server.metric('llama_generated_tokens_total') - before < 200
+  assert server.metric('llama_generated_tokens_total') - before < 240
