@@ -241,6 +241,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, wor
     for i in range(200):
       assert _post(server, bad[i % len(bad)][0], connection).status_code == 400
   assert _post(server, good).json()['usage']['completion_tokens'] > 0
+  for response in (httpx.get(f'{server.url}/v1/completions',
+                             timeout=10), httpx.post(f'{server.url}/v1/embeddings', timeout=10)):
+    assert response.status_code in (404, 405) and response.json()['error']['message']
   models = httpx.get(f'{server.url}/v1/models', timeout=10).json()
   assert [m['id'] for m in models['data']] == [model]
 

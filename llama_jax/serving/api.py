@@ -13,6 +13,7 @@ import time
 import uuid
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -74,12 +75,13 @@ class Server:
     self.created = int(time.time())
 
   def app(self) -> Starlette:
-    return Starlette(routes=[
-        Route('/health', self.health),
-        Route('/metrics', self.prometheus),
-        Route('/v1/models', self.models),
-        Route('/v1/completions', self.completions, methods=['POST']),
-    ])
+    return Starlette(
+        exception_handlers={HTTPException: _route_error}, routes=[
+            Route('/health', self.health),
+            Route('/metrics', self.prometheus),
+            Route('/v1/models', self.models),
+            Route('/v1/completions', self.completions, methods=['POST']),
+        ])
 
   async def health(self, _):
     return JSONResponse({'status': 'ok'})
@@ -302,6 +304,11 @@ class _Logprobs:
     """The entries added since the last take (for a streamed chunk)."""
     start, self._taken = self._taken, len(self.tokens)
     return self.body(start)
+
+
+async def _route_error(_, error: HTTPException) -> JSONResponse:
+  """An unknown path or method, in the same error body as every other error."""
+  return error_response(BadRequest(f'{error.detail}.', status=error.status_code))
 
 
 def _sse(payload: dict) -> str:
