@@ -43,22 +43,6 @@ flags.DEFINE_float('shutdown_timeout', 30.0,
 FLAGS = flags.FLAGS
 
 
-class _SentencePieceView:
-  """The tokenizer contract's attribute names over a sentencepiece processor (until the
-  tokenizer branch lands in main)."""
-  def __init__(self, processor):
-    self._processor = processor
-    self.bos_id, self.eos_id = processor.bos_id(), processor.eos_id()
-    self.stop_ids = frozenset({self.eos_id})
-    self.vocab_size = processor.vocab_size()
-
-  def encode(self, text: str) -> list[int]:
-    return self._processor.encode(text)
-
-  def decode(self, ids) -> str:
-    return self._processor.decode(list(ids))
-
-
 def build_server():
   """The engine (warmed up) and the HTTP routes for FLAGS."""
   for name, value in (('slots', FLAGS.slots), ('max_queue', FLAGS.max_queue), ('max_tokens',
@@ -78,9 +62,8 @@ def build_server():
   experiment = experiment_lib.build(config, devices)
   params = evaluation.restore_params(directory, step, experiment.model_config,
                                      experiment.shardings.params, FLAGS.bfloat16)
-  tokenizer = tokenizer_lib.for_data(config.data, config.model.vocab_size)  # never trains one
-  if not hasattr(tokenizer, 'stop_ids'):
-    tokenizer = _SentencePieceView(tokenizer)
+  tokenizer = tokenizer_lib.for_data(config.data, config.model.vocab_size,
+                                     checkpoints=(FLAGS.workdir,))  # never trains one
   metrics = ServingMetrics()
   engine = engine_lib.Engine(evaluation.model_of(params, config), FLAGS.slots, FLAGS.max_queue,
                              metrics)
