@@ -42,9 +42,17 @@ setuptools.setup(
             'yapf>=0.43',  # lint and format checks (pyproject.toml)
             'lm-eval>=0.4.13',  # the harness adapter's tests ...
             'accelerate>=1.0',  # ... against the harness's Hugging Face model
+            'openai>=1.0',  # the serving tests' client ...
+            'httpx>=0.27',  # ... and their plain HTTP requests
+            'starlette>=0.40',  # the serve extra, for the serving tests
+            'uvicorn>=0.30',
+            'prometheus-client>=0.20',
         ],
         'meta': ['torch>=2.0'],  # reading Meta's consolidated.*.pth checkpoints
-        'eval': ['lm-eval>=0.4.13'],  # lm-evaluation-harness tasks (llama_jax.harness)
+        'eval': ['lm-eval>=0.4.13'],
+        # serve.py: the HTTP layer, its ASGI server and the /metrics exposition
+        'serve': ['starlette>=0.40', 'uvicorn>=0.30',
+                  'prometheus-client>=0.20'],  # lm-evaluation-harness tasks (llama_jax.harness)
         'tpu': ['jax[tpu]>=0.10.2'],
         'gpu': ['jax[cuda13]>=0.10.2'],
     },
