@@ -98,9 +98,10 @@ def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, implementatio
                                           is not None, block=block_size or KERNEL_BLOCK)
   shards = context_lib.sequence_shards()
   if shards > 1 and q.shape[1] == k.shape[1]:
-    if implementation in ('reference', 'blockwise'):
+    if implementation in ('reference', 'blockwise', 'splash'):
       return context_lib.attention(q, k, v, q_segment_ids, implementation=implementation,
-                                   mode=context_parallel, block_size=block_size)
+                                   mode=context_parallel, block_size=block_size,
+                                   interpret=platform == 'cpu')
     # The kernels attend whole sequences per device, in the natural order.
     q, k, v, q_segment_ids, kv_segment_ids = context_lib.from_layout(
         (q, k, v, q_segment_ids, kv_segment_ids), shards)

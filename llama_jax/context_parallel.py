@@ -323,8 +323,60 @@ def _chip_attention_backward(step_fns, axes, shards, mode, residuals, d_out):
 
 _chip_attention.defvjp(_chip_attention_forward, _chip_attention_backward)
 
+# ---------------------------------------------------------------------------
+# Splash: the kernel itself splits the queries (`q_seq_shards`) and skips the masked
+# blocks; each chip passes its own queries and all keys and values, gathered and put back
+# in the natural order, and the mask reads each query row's natural index.
 
-def attention(q, k, v, segment_ids=None, *, implementation: str, mode: str, block_size=None):
+
+def _load_balanced_causal_mask(length, shards):
+  """Splash's causal mask for queries in the load-balanced layout, keys in natural order."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+  mask = masks.CausalMask((length, length))
+  chunk = length // (2 * shards)
+  mask.q_sequence = (chunk_order(shards)[:, None] * chunk + np.arange(chunk)).reshape(-1).astype(
+      np.int32)  # the natural index of each row of the layout
+  return mask
+
+
+def _splash(q, k, v, segment_ids, *, mesh, rules, axes, shards, block, interpret):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+  batch, length, heads, head_dim = q.shape
+  heads_per_chip = heads // int(
+      np.prod([mesh.shape[a] for a in _length_axes_of('act_heads', rules)]))
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
+  mask = masks.MultiHeadMask([_load_balanced_causal_mask(length, shards)] * heads_per_chip)
+  kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=shards,
+                                  interpret=interpret)
+  kernel_spec = kernel.manual_sharding_spec(
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, axes)))
+
+  def run(kernel, q, k, v, seg):  # q [batch, 2C, heads, head_dim]: this chip's queries
+    gathered = jax.tree.map(lambda a: jax.lax.all_gather(a, axes, axis=1, tiled=True), (k, v, seg))
+    k, v, kv_seg = from_layout(gathered, shards)  # the whole sequence, natural order
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)
+    one_row = lambda q, k, v, q_seg, kv_seg: kernel(q, k, v, segment_ids=splash.SegmentIds(
+        q_seg, kv_seg))
+    out = jax.vmap(one_row)(heads_first(q * head_dim**-0.5), heads_first(k), heads_first(v), seg,
+                            kv_seg)
+    return heads_first(out)
+
+  specs = sharding_lib.logical_to_mesh(('batch', 'length', 'act_heads', None), rules)
+  segments = sharding_lib.logical_to_mesh(('batch', 'length'), rules)
+  return jax.shard_map(run, mesh=mesh, in_specs=(kernel_spec, specs, specs, specs, segments),
+                       out_specs=specs, check_vma=False)(kernel, q, k, v, segment_ids)
+
+
+def _length_axes_of(name, rules):
+  axes = sharding_lib.logical_to_mesh((name,), rules)[0]
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def attention(q, k, v, segment_ids=None, *, implementation: str, mode: str, block_size=None,
+              interpret=False):
   """Causal self-attention of sequences in the load-balanced layout, split over the mesh in
   context: q [batch, length, heads, head_dim], k, v [batch, length, kv_heads, head_dim]."""
   mesh, rules = sharding_lib.current_mesh_and_rules()
@@ -332,6 +384,11 @@ def attention(q, k, v, segment_ids=None, *, implementation: str, mode: str, bloc
   shards = sequence_shards()
   if segment_ids is None:
     segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+  if implementation == 'splash':
+    local = q.shape[1] // shards
+    block = block_size or next(size for size in (512, 256, 128) if local % size == 0)
+    return _splash(q, k, v, segment_ids, mesh=mesh, rules=rules, axes=axes, shards=shards,
+                   block=block, interpret=interpret)
   block = min(block_size or attention_lib.BLOCKWISE_BLOCK, q.shape[1] // (2 * shards))
   run = functools.partial(_chip_attention, _step_functions(implementation, block), axes, shards,
                           mode)
