@@ -98,11 +98,14 @@ def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, implementatio
                                           is not None, block=block_size or KERNEL_BLOCK)
   shards = context_lib.sequence_shards()
   if shards > 1 and q.shape[1] == k.shape[1]:
-    if implementation in ('reference', 'blockwise', 'splash'):
+    # Splash splits the queries itself, in whole blocks of each chip's share of the length.
+    splash_splits = implementation == 'splash' and length // shards % (block_size or
+                                                                       KERNEL_BLOCK) == 0
+    if implementation in ('reference', 'blockwise') or splash_splits:
       return context_lib.attention(q, k, v, q_segment_ids, implementation=implementation,
                                    mode=context_parallel, block_size=block_size,
                                    interpret=platform == 'cpu')
-    # The kernels attend whole sequences per device, in the natural order.
+    # The other kernels attend whole sequences per device, in the natural order.
     q, k, v, q_segment_ids, kv_segment_ids = context_lib.from_layout(
         (q, k, v, q_segment_ids, kv_segment_ids), shards)
     out = _whole_sequences(q, k, v, q_segment_ids, kv_segment_ids, implementation, block_size,

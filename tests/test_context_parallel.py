@@ -14,9 +14,11 @@ import pytest
 from configs import default
 from llama_jax import attention as attention_lib
 from llama_jax import context_parallel
+from llama_jax import experiment
 from llama_jax import hlo
 from llama_jax import sharding as sharding_lib
 from llama_jax import steps
+from llama_jax.errors import ConfigError
 from test_train_step import MODEL, make_batch
 
 RULES = default.get_config().mesh.rules
@@ -148,3 +150,47 @@ def test_attention_flops_per_chip_stay_within_the_whole_sequence_s_over_the_chip
   per_chip = hlo.dot_flops(compiled_attention('reference', mode, (1, 2, 4, 1)))
   whole = hlo.dot_flops(compiled_attention('reference', mode, None))
   assert 0.5 * whole / 8 < per_chip <= 1.1 * whole / 8, (per_chip, whole / 8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sizes', MESHES)
+def test_splash_attends_each_chip_s_own_queries_in_interpret_mode(sizes):
+  """The TPU kernel (Pallas' interpreter) with q_seq_shards over `sequence`: output and
+  gradients of the laid-out sequence equal the reference's on the natural one."""
+  shards, length = sizes[2], 512
+  keys = jax.random.split(jax.random.PRNGKey(1), 5)
+  q = jax.random.normal(keys[0], (2, length, 4, 8))
+  k, v = (jax.random.normal(key, (2, length, 2, 8)) for key in keys[1:3])
+  segments = (jnp.cumsum(jax.random.bernoulli(keys[3], 0.02, (2, length)), 1) + 1).astype(jnp.int32)
+  cotangent = jax.random.normal(keys[4], q.shape)
+  mesh = make_mesh(sizes)
+
+  def splash(q, k, v):
+    with sharding_lib.activation_sharding(mesh, RULES):
+      q, k, v, seg, ct = context_parallel.to_layout((q, k, v, segments, cotangent), shards)
+      out = attention_lib.attention(q, k, v, seg, seg, implementation='splash', block_size=128)
+      return jnp.sum(out * ct), context_parallel.from_layout(out, shards)
+
+  def reference(q, k, v):
+    out = attention_lib.reference_attention(q, k, v, segments, segments)
+    return jnp.sum(out * cotangent), out
+
+  (_, got), grads = jax.jit(jax.value_and_grad(splash, (0, 1, 2), has_aux=True))(q, k, v)
+  (_, want), want_grads = jax.value_and_grad(reference, (0, 1, 2), has_aux=True)(q, k, v)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  for grad, want_grad in zip(grads, want_grads):
+    np.testing.assert_allclose(grad, want_grad, atol=2e-5)
+
+
+def test_ring_with_a_kernel_is_a_clear_error():
+  config = default.get_config()
+  config.train.seq_len = 2048
+  config.model.context_parallel = 'ring'
+  config.model.attention = 'splash'
+  with pytest.raises(ConfigError, match='context_parallel=ring .* model.attention=splash cannot'):
+    experiment.validate(config, dict(data=1, fsdp=1, sequence=4, tensor=1), 'tpu')
+  config.model.attention = 'blockwise'
+  experiment.validate(config, dict(data=1, fsdp=1, sequence=4, tensor=1), 'tpu')
+  config.train.seq_len, config.train.loss_chunks = 2044, 1  # 4 divides it, 8 chunks do not
+  with pytest.raises(ConfigError, match=r'divisible by 2 x mesh.sequence \(8\)'):
+    experiment.validate(config, dict(data=1, fsdp=1, sequence=4, tensor=1), 'tpu')
