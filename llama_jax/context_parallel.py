@@ -34,9 +34,9 @@ from llama_jax import sharding as sharding_lib
 MODES = ('all_gather', 'ring')
 
 
-def _length_axes(rules) -> tuple[str, ...]:
-  """The mesh axes that split the `length` axis of activations."""
-  axes = sharding_lib.logical_to_mesh(('length',), rules)[0]
+def _mesh_axes(logical_name, rules) -> tuple[str, ...]:
+  """The mesh axes that split an activation axis (`length`: the sequence axes)."""
+  axes = sharding_lib.logical_to_mesh((logical_name,), rules)[0]
   return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
@@ -46,7 +46,7 @@ def sequence_shards() -> int:
   if mesh_and_rules is None:
     return 1
   mesh, rules = mesh_and_rules
-  return int(np.prod([mesh.shape[axis] for axis in _length_axes(rules)]))
+  return int(np.prod([mesh.shape[axis] for axis in _mesh_axes('length', rules)]))
 
 
 def chunk_order(shards: int) -> np.ndarray:
@@ -223,8 +223,8 @@ def _visit_grads(grads, t, r, q, seg, kv, out, lse, d_out):
 
 class _Chip:
   """Where this chip is on the sequence axes, and how keys and values reach it."""
-  def __init__(self, axes, shards, mode):
-    self.axes, self.shards, self.mode = axes, shards, mode
+  def __init__(self, axes, shards):
+    self.axes, self.shards = axes, shards
     self.index = jax.lax.axis_index(axes)
 
   def source(self, s):
@@ -246,7 +246,7 @@ class _Chip:
 
 def _forward_pass(step_fns, axes, shards, mode, q, k, v, seg):
   forward, _ = step_fns
-  chip = _Chip(axes, shards, mode)
+  chip = _Chip(axes, shards)
   kv = (k, v, seg)
   if mode == 'ring':
     incoming = chip.next_chip(kv)  # issued before the local step, so it overlaps it
@@ -278,7 +278,7 @@ def _chip_attention_forward(step_fns, axes, shards, mode, q, k, v, seg):
 def _chip_attention_backward(step_fns, axes, shards, mode, residuals, d_out):
   _, grads = step_fns
   q, k, v, seg, out, lse = residuals
-  chip = _Chip(axes, shards, mode)
+  chip = _Chip(axes, shards)
   kv = (k, v, seg)
   if mode == 'ring':
     incoming = chip.next_chip(kv)
@@ -343,8 +343,7 @@ def _splash(q, k, v, segment_ids, *, mesh, rules, axes, shards, block, interpret
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
   batch, length, heads, head_dim = q.shape
-  heads_per_chip = heads // int(
-      np.prod([mesh.shape[a] for a in _length_axes_of('act_heads', rules)]))
+  heads_per_chip = heads // int(np.prod([mesh.shape[a] for a in _mesh_axes('act_heads', rules)]))
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                             block_q_dq=block, block_kv_dq=block)
@@ -370,17 +369,12 @@ def _splash(q, k, v, segment_ids, *, mesh, rules, axes, shards, block, interpret
                        out_specs=specs, check_vma=False)(kernel, q, k, v, segment_ids)
 
 
-def _length_axes_of(name, rules):
-  axes = sharding_lib.logical_to_mesh((name,), rules)[0]
-  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-
-
 def attention(q, k, v, segment_ids=None, *, implementation: str, mode: str, block_size=None,
               interpret=False):
   """Causal self-attention of sequences in the load-balanced layout, split over the mesh in
   context: q [batch, length, heads, head_dim], k, v [batch, length, kv_heads, head_dim]."""
   mesh, rules = sharding_lib.current_mesh_and_rules()
-  axes = _length_axes(rules)
+  axes = _mesh_axes('length', rules)
   shards = sequence_shards()
   if segment_ids is None:
     segment_ids = jnp.ones(q.shape[:2], jnp.int32)
