@@ -19,6 +19,8 @@ Implementations (config key `model.attention`):
 
 The three kernels run per device (shard_map over batch and heads) on a mesh, self-attention
 only; the Pallas ones also run on a CPU in interpret mode, which is how the tests check them.
+When the mesh splits the sequence, context_parallel.py runs reference, blockwise and splash
+on each chip's own queries.
 """
 
 import jax
