@@ -27,6 +27,7 @@ def get_config():
   model.max_seq_len = 2048  # longest sequence the model accepts
   model.dtype = 'bfloat16'  # compute dtype: bfloat16 | float32 | float16 (params are float32)
   model.attention = 'auto'  # auto | reference | blockwise | splash | triton | cudnn (attention.py)
+  model.context_parallel = 'all_gather'  # keys/values across mesh.sequence: all_gather | ring
   model.remat = 'full'  # none | full | save_dots | save_attention (llama_jax/model.py)
   model.scan_layers = True  # scan over stacked layers; False loops (debugging)
 

@@ -19,6 +19,8 @@ Implementations (config key `model.attention`):
 
 The three kernels run per device (shard_map over batch and heads) on a mesh, self-attention
 only; the Pallas ones also run on a CPU in interpret mode, which is how the tests check them.
+When the mesh splits the sequence, context_parallel.py runs reference, blockwise and splash
+on each chip's own queries.
 """
 
 import jax
@@ -83,15 +85,40 @@ def resolve_implementation(implementation: str, platform: str, *, length: int, h
 
 
 def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, implementation='reference',
-              block_size=None):
+              block_size=None, context_parallel='all_gather'):
   """Causal self-attention; returns [batch, q_len, heads, head_dim] in q's dtype.
 
   `block_size` overrides the blocks of blockwise and the Pallas kernels (tests use small ones).
+  On a mesh whose `sequence` axis splits the length, the sequence is in the load-balanced
+  layout of context_parallel.py and `context_parallel` (all_gather | ring) says how keys
+  and values travel.
   """
+  from llama_jax import context_parallel as context_lib  # (it builds on this module)
   platform, length, head_dim = sharding_lib.compute_platform(), q.shape[1], q.shape[-1]
   implementation = resolve_implementation(implementation, platform, length=length,
                                           head_dim=head_dim, dtype=q.dtype, segments=q_segment_ids
                                           is not None, block=block_size or KERNEL_BLOCK)
+  shards = context_lib.sequence_shards()
+  if shards > 1 and q.shape[1] == k.shape[1]:
+    # Splash splits the queries itself, in whole blocks of each chip's share of the length.
+    splash_splits = implementation == 'splash' and length // shards % (block_size or
+                                                                       KERNEL_BLOCK) == 0
+    if implementation in ('reference', 'blockwise') or splash_splits:
+      return context_lib.attention(q, k, v, q_segment_ids, implementation=implementation,
+                                   mode=context_parallel, block_size=block_size,
+                                   interpret=platform == 'cpu')
+    # The other kernels attend whole sequences per device, in the natural order.
+    q, k, v, q_segment_ids, kv_segment_ids = context_lib.from_layout(
+        (q, k, v, q_segment_ids, kv_segment_ids), shards)
+    out = _whole_sequences(q, k, v, q_segment_ids, kv_segment_ids, implementation, block_size,
+                           platform)
+    return context_lib.to_layout(out, shards)
+  return _whole_sequences(q, k, v, q_segment_ids, kv_segment_ids, implementation, block_size,
+                          platform)
+
+
+def _whole_sequences(q, k, v, q_segment_ids, kv_segment_ids, implementation, block_size, platform):
+  length = q.shape[1]
   if implementation == 'reference':
     return reference_attention(q, k, v, q_segment_ids, kv_segment_ids)
   if q.shape[1] != k.shape[1]:
@@ -168,20 +195,22 @@ def blockwise_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, block_
   return out.reshape(batch, n_blocks * block, heads, head_dim)[:, :length]
 
 
-def _block_mask(i, j, q_seg, kv_seg):
+def _block_mask(i, j, q_seg, kv_seg, causal=True):
   """[batch, 1, 1, block, block] mask between query block i and key block j."""
-  block = q_seg.shape[-1]
-  q_index = i * block + jnp.arange(block)[:, None]
-  kv_index = j * block + jnp.arange(block)[None, :]
-  mask = (kv_index <= q_index)[None] & (q_seg[:, :, None] == kv_seg[:, None, :])
+  mask = q_seg[:, :, None] == kv_seg[:, None, :]
+  if causal:
+    block = q_seg.shape[-1]
+    q_index = i * block + jnp.arange(block)[:, None]
+    kv_index = j * block + jnp.arange(block)[None, :]
+    mask = mask & (kv_index <= q_index)[None]
   return mask[:, None, None]
 
 
-def _block_probs(q_i, k_j, i, j, q_seg_i, kv_seg_j, lse_i):
+def _block_probs(q_i, k_j, i, j, q_seg_i, kv_seg_j, lse_i, causal=True):
   """Recomputes the softmax probabilities [batch, kv_heads, group, block, block]."""
   scores = jnp.einsum('bqkgh,bskh->bkgqs', q_i, k_j, preferred_element_type=jnp.float32)
   scores = scores * q_i.shape[-1]**-0.5
-  mask = _block_mask(i, j, q_seg_i, kv_seg_j)
+  mask = _block_mask(i, j, q_seg_i, kv_seg_j, causal)
   return jnp.where(mask, jnp.exp(scores - lse_i[..., None]), 0.0)
 
 
@@ -190,8 +219,11 @@ def _flash(q, k, v, q_seg, kv_seg):
   return _flash_forward(q, k, v, q_seg, kv_seg)[0]
 
 
-def _flash_forward(q, k, v, q_seg, kv_seg):
+def _flash_forward(q, k, v, q_seg, kv_seg, causal=True):
+  """Also the building block of context parallelism (context_parallel.py), which visits
+  other chips' keys with causal=False: every query block then sees every key block."""
   batch, n_blocks, block, kv_heads, group, head_dim = q.shape
+  n_kv_blocks = k.shape[1]
 
   def query_block(i):
     q_i = q[:, i]  # [batch, block, kv_heads, group, head_dim]
@@ -200,7 +232,7 @@ def _flash_forward(q, k, v, q_seg, kv_seg):
       acc, row_max, row_sum = carry
       scores = jnp.einsum('bqkgh,bskh->bkgqs', q_i, k[:, j],
                           preferred_element_type=jnp.float32) * head_dim**-0.5
-      mask = _block_mask(i, j, q_seg[:, i], kv_seg[:, j])
+      mask = _block_mask(i, j, q_seg[:, i], kv_seg[:, j], causal)
       scores = jnp.where(mask, scores, _MASKED)
       new_max = jnp.maximum(row_max, scores.max(-1))
       probs = jnp.where(mask, jnp.exp(scores - new_max[..., None]), 0.0)
@@ -215,7 +247,7 @@ def _flash_forward(q, k, v, q_seg, kv_seg):
                       jnp.float32), jnp.full(stats_shape, _MASKED,
                                              jnp.float32), jnp.zeros(stats_shape, jnp.float32))
     # Causal: query block i needs key blocks 0..i only.
-    acc, row_max, row_sum = jax.lax.fori_loop(0, i + 1, key_block, init)
+    acc, row_max, row_sum = jax.lax.fori_loop(0, i + 1 if causal else n_kv_blocks, key_block, init)
     out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]
     # Rows that see no key at all (padding) get lse=+inf, so their probabilities are 0.
     lse = jnp.where(row_sum > 0, row_max + jnp.log(row_sum), jnp.inf)
@@ -229,14 +261,21 @@ def _flash_forward(q, k, v, q_seg, kv_seg):
 
 
 def _flash_backward(residuals, d_out):
+  q, k, v = residuals[:3]
+  d_q, d_k, d_v = _flash_grads(residuals, d_out)
+  return (d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None, None)
+
+
+def _flash_grads(residuals, d_out, causal=True):
+  """Float32 (d_q, d_k, d_v); out and lse may be those of a longer row (context_parallel.py)."""
   q, k, v, q_seg, kv_seg, out, lse = residuals
-  n_blocks, head_dim = q.shape[1], q.shape[-1]
+  n_blocks, n_kv_blocks, head_dim = q.shape[1], k.shape[1], q.shape[-1]
   scale = head_dim**-0.5
   # delta_i = sum_h dO * O: [batch, n_blocks, kv_heads, group, block]
   delta = jnp.einsum('bnqkgh,bnqkgh->bnkgq', d_out.astype(jnp.float32), out.astype(jnp.float32))
 
   def grads_of_pair(i, j):
-    probs = _block_probs(q[:, i], k[:, j], i, j, q_seg[:, i], kv_seg[:, j], lse[:, i])
+    probs = _block_probs(q[:, i], k[:, j], i, j, q_seg[:, i], kv_seg[:, j], lse[:, i], causal)
     d_probs = jnp.einsum('bqkgh,bskh->bkgqs', d_out[:, i], v[:, j],
                          preferred_element_type=jnp.float32)
     d_scores = probs * (d_probs - delta[:, i][..., None]) * scale
@@ -248,7 +287,8 @@ def _flash_backward(residuals, d_out):
       return d_q + jnp.einsum('bkgqs,bskh->bqkgh', d_scores.astype(k.dtype), k[:, j],
                               preferred_element_type=jnp.float32)
 
-    return jax.lax.fori_loop(0, i + 1, key_block, jnp.zeros(q[:, i].shape, jnp.float32))
+    return jax.lax.fori_loop(0, i + 1 if causal else n_kv_blocks, key_block,
+                             jnp.zeros(q[:, i].shape, jnp.float32))
 
   def key_value_grad(j):
     def query_block(i, carry):
@@ -261,12 +301,11 @@ def _flash_backward(residuals, d_out):
       return d_k, d_v
 
     zeros = jnp.zeros(k[:, j].shape, jnp.float32)
-    return jax.lax.fori_loop(j, n_blocks, query_block, (zeros, zeros))
+    return jax.lax.fori_loop(j if causal else 0, n_blocks, query_block, (zeros, zeros))
 
   d_q = jnp.moveaxis(jax.lax.map(query_grad, jnp.arange(n_blocks)), 0, 1)
-  d_k, d_v = jax.lax.map(key_value_grad, jnp.arange(n_blocks))
-  d_k, d_v = jnp.moveaxis(d_k, 0, 1), jnp.moveaxis(d_v, 0, 1)
-  return (d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None, None)
+  d_k, d_v = jax.lax.map(key_value_grad, jnp.arange(n_kv_blocks))
+  return d_q, jnp.moveaxis(d_k, 0, 1), jnp.moveaxis(d_v, 0, 1)
 
 
 _flash.defvjp(_flash_forward, _flash_backward)

@@ -55,14 +55,21 @@ def validate(config, mesh_sizes: dict, platform: str) -> model_lib.ModelConfig:
       train.loss_chunks > 0 and train.seq_len % train.loss_chunks == 0,
       f'train.seq_len ({train.seq_len}) must be divisible by train.loss_chunks '
       f'({train.loss_chunks}).')
+  chunks = 2 * mesh_sizes['sequence'] if mesh_sizes['sequence'] > 1 else 1
   check(
-      train.seq_len % mesh_sizes['sequence'] == 0,
-      f'train.seq_len ({train.seq_len}) must be divisible by mesh.sequence '
-      f'({mesh_sizes["sequence"]}).')
+      train.seq_len % chunks == 0,
+      f'train.seq_len ({train.seq_len}) must be divisible by 2 x mesh.sequence ({chunks}): '
+      'each chip holds an early and a late chunk of every sequence.')
   check(
       train.eval_every > 0 or not train.eval_tasks,
       'train.eval_tasks run at each validation, and train.eval_every is 0; set it to how '
       'often to run them.')
+  check(
+      mesh_sizes['sequence'] == 1 or model_config.context_parallel == 'all_gather' or
+      model_config.attention in ('reference', 'blockwise'),
+      f'model.context_parallel=ring passes partial softmax statistics between chips, which '
+      f'model.attention={model_config.attention} cannot return; use model.attention=blockwise '
+      'or model.context_parallel=all_gather.')
   for key, heads in (('n_heads', model_config.n_heads), ('n_kv_heads', model_config.kv_heads)):
     check(heads % mesh_sizes['tensor'] == 0,
           f'model.{key} ({heads}) must be divisible by mesh.tensor ({mesh_sizes["tensor"]}).')

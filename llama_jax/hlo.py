@@ -125,3 +125,53 @@ def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
       totals[kind][0] += times
       totals[kind][1] += times * sum(size for size, _ in _array_bytes(match.group(2)))
   return {kind: tuple(total) for kind, total in totals.items()}
+
+
+def _dims(type_text: str) -> list[int]:
+  match = _ARRAY.search(type_text)
+  return [int(d) for d in match.group(2).split(',') if d] if match else []
+
+
+def dot_flops(hlo_text: str) -> int:
+  """Matmul FLOPs per chip per execution: 2 x output elements x contracted size of every
+  dot, loops counted by their trip count, a conditional by its costliest branch."""
+  computations = _computations(hlo_text)
+  shapes = {}  # instruction name -> its result type
+  for lines in computations.values():
+    for line in lines:
+      match = _INSTRUCTION.match(line)
+      if match:
+        shapes[match.group(1)] = match.group(2)
+
+  cost = {}
+
+  def flops(name):
+    if name in cost:
+      return cost[name]
+    total = 0
+    for line in computations.get(name, []):
+      match = _INSTRUCTION.match(line)
+      if not match:
+        continue
+      op, rest = match.group(3), match.group(4)
+      if op == 'dot':
+        lhs = re.match(r'%?([\w.\-]+)', rest).group(1)
+        contracting = re.search(r'lhs_contracting_dims=\{([0-9,]*)\}', rest).group(1)
+        lhs_dims = _dims(shapes[lhs])
+        size = math.prod(lhs_dims[int(d)] for d in contracting.split(',') if d)
+        total += 2 * math.prod(_dims(match.group(2))) * size
+      loop = re.search(r'condition=%?([\w.\-]+), body=%?([\w.\-]+)', rest)
+      branches = re.search(r'branch_computations=\{([^}]*)\}', rest) or re.search(
+          r'true_computation=(%?[\w.\-]+), false_computation=(%?[\w.\-]+)', rest)
+      if loop:
+        total += _trip_count(line, computations.get(loop.group(1), [])) * flops(loop.group(2))
+      elif branches:
+        names = ','.join(branches.groups()).split(',')
+        total += max(flops(name.strip().lstrip('%')) for name in names)
+      else:
+        callees = re.findall(r'(?:calls|to_apply)=%?([\w.\-]+)', rest)
+        total += sum(flops(callee) for callee in callees)
+    cost[name] = total
+    return total
+
+  return flops('ENTRY')

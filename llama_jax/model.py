@@ -63,6 +63,7 @@ class ModelConfig:
   max_seq_len: int = 2048
   dtype: str = 'bfloat16'  # compute dtype; parameters are always float32
   attention: str = 'auto'  # see attention.py
+  context_parallel: str = 'all_gather'  # how keys/values cross a `sequence` axis: or ring
   remat: str = 'full'  # a key of REMAT_POLICIES
   scan_layers: bool = True  # False: a Python loop over layers, for debugging
 
@@ -89,6 +90,8 @@ class ModelConfig:
         self.attention in attention_lib.IMPLEMENTATIONS,
         f'model.attention is {self.attention!r}; use one of '
         f'{", ".join(attention_lib.IMPLEMENTATIONS)}.')
+    check(self.context_parallel in ('all_gather', 'ring'),
+          f'model.context_parallel is {self.context_parallel!r}; use all_gather or ring.')
     check(self.remat in REMAT_POLICIES,
           f'model.remat is {self.remat!r}; use one of {", ".join(REMAT_POLICIES)}.')
 
@@ -213,13 +216,14 @@ class Attention(nnx.Module):
     k = apply_rotary(k, positions, config.rope_theta, config.rope_scaling)
     q, k = checkpoint_name(q, 'query'), checkpoint_name(k, 'key')
     v = checkpoint_name(v, 'value')
-    # Queries stay split along the sequence; keys and values are gathered across it.
+    # Split along the sequence; attention brings each chip the keys and values it needs.
     q = constrain(q, ('batch', 'length', 'act_heads', None))
-    k = constrain(k, ('batch', None, 'act_heads', None))
-    v = constrain(v, ('batch', None, 'act_heads', None))
+    k = constrain(k, ('batch', 'length', 'act_heads', None))
+    v = constrain(v, ('batch', 'length', 'act_heads', None))
     if cache is None:
       out = attention_lib.attention(q, k, v, segment_ids, segment_ids,
-                                    implementation=config.attention)
+                                    implementation=config.attention,
+                                    context_parallel=config.context_parallel)
     else:  # decoding: append to the cache, attend to everything written so far
       k = jax.lax.dynamic_update_slice_in_dim(cache.k, k, cache.index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache.v, v, cache.index, axis=1)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from llama_jax import context_parallel
 from llama_jax import cross_entropy
 from llama_jax import model as model_lib
 from llama_jax import sharding as sharding_lib
@@ -60,11 +61,18 @@ def token_losses(params, graphdef, batch, z_loss: float, segment_mask: bool, los
   """
   model = nnx.merge(graphdef, params)
   if segment_mask:
-    x, _ = model.features(batch['inputs'], batch['positions'], batch['segment_ids'])
+    inputs = (batch['inputs'], batch['positions'], batch['segment_ids'])
   else:
-    x, _ = model.features(batch['inputs'])
-  loss, nll = cross_entropy.cross_entropy(x, model.output_weights(), batch['targets'],
-                                          batch['weights'], z_loss, loss_chunks)
+    inputs = (batch['inputs'],
+              jnp.broadcast_to(jnp.arange(batch['inputs'].shape[1]), batch['inputs'].shape), None)
+  # Under a `sequence` axis the tokens and everything that follows them go in the
+  # load-balanced layout of context parallelism; the loss sums over tokens, so it is unchanged.
+  shards = context_parallel.sequence_shards()
+  inputs, targets, weights = context_parallel.to_layout(
+      (inputs, batch['targets'], batch['weights']), shards)
+  x, _ = model.features(*inputs)
+  loss, nll = cross_entropy.cross_entropy(x, model.output_weights(), targets, weights, z_loss,
+                                          loss_chunks)
   return loss, jnp.sum(batch['weights']), nll
 
 
