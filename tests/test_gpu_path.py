@@ -91,6 +91,18 @@ def test_the_update_is_in_place_on_a_gpu():
   assert memory['total'] < chip.hbm_bytes
 
 
+@pytest.mark.slow
+def test_llama_7b_at_the_paper_batch_fits_64_h100s():
+  """docs/gpu.md's fit: 7B, 2048 x 2048 tokens in 8 microbatches, remat full, fsdp 64."""
+  config = importlib.import_module('configs.llama_7b').get_config()
+  config.train.microbatches = 8
+  chip, devices = aot.topology_devices('h100-64')
+  compiled, built = aot.compile_train_step(config, devices)
+  assert built.model_config.remat == 'full' and built.model_config.attention == 'triton'
+  total = aot.memory_per_chip(compiled)['total']
+  assert total < 0.15 * chip.hbm_bytes, total / GIB  # docs/gpu.md: 5.70 of 79 GiB
+
+
 def test_gpu_topology_names():
   assert aot.parse_gpu_topology('h100-1')[1:] == (1, '1x1x1')
   assert aot.parse_gpu_topology('h200-8')[1:] == (8, '1x1x8')
