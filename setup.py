@@ -8,6 +8,7 @@ setuptools.setup(
     description=
     'LLaMA (Touvron et al. 2023) in JAX/Flax: sharded training, Orbax checkpoints, eval.',
     packages=setuptools.find_packages(include=['llama_jax', 'llama_jax.*']),
+    package_data={'llama_jax': ['gpu_targets/*.txtpb']},  # GPU descriptions for llama_jax.aot
     python_requires='>=3.11',
     install_requires=[
         'jax>=0.10.2',
@@ -55,5 +56,9 @@ setuptools.setup(
                   'prometheus-client>=0.20'],  # lm-evaluation-harness tasks (llama_jax.harness)
         'tpu': ['jax[tpu]>=0.10.2'],
         'gpu': ['jax[cuda13]>=0.10.2'],
+        # Compiling for GPUs on any host (llama_jax.aot --topology=h100-8): the CUDA plugin at
+        # the installed jax's version without CUDA's runtime libraries, plus ptxas and
+        # libdevice. Not cuDNN (model.attention=cudnn needs jax[cuda13]).
+        'gpu-aot': ['jax[cuda13-local]>=0.10.2', 'nvidia-cuda-nvcc>=13.0.48', 'nvidia-nvvm>=13.0'],
     },
 )

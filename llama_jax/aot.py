@@ -1,16 +1,25 @@
-"""Does a config fit a TPU slice? Compiles the real train step for a TPU topology, on any host.
+"""Does a config fit a TPU slice or a set of GPUs? Compiles the real train step for a
+TPU topology or GPU machines, on any host.
 
   python -m llama_jax.aot --config=configs/llama_7b.py --topology=v5p-128 [--slices=2] \
       [--assumed_mfu=0.5] [--tokens=1e12] [--config.model.remat=full ...]
+  python -m llama_jax.aot --config=configs/llama_7b.py --topology=h100-64
 
-Needs libtpu (`pip install -e '.[tpu]'`), not a TPU. Builds shape-only train state and
-batch with their shardings on a mesh of the topology's devices, lowers and compiles the
-same jitted step that train.py runs, and prints the per-chip memory XLA's TPU compiler
-reports against the chip's HBM, the model FLOPs per step and, from an assumed MFU, the
-step time and days to train. Exits 1 when the step does not fit.
+Needs libtpu (`pip install -e '.[tpu]'`) for TPUs, the CUDA compiler (`pip install -e
+'.[gpu-aot]'`) for GPUs; not the accelerator. Builds shape-only train state and batch with
+their shardings on a mesh of the topology's devices, lowers and compiles the same jitted
+step that train.py runs, and prints the per-device memory XLA's compiler reports against
+the device's memory, the model FLOPs per step and, from an assumed MFU, the step time and
+days to train. Exits 1 when the step does not fit.
+
+GPU topologies (`h100-N`, `h200-N`, `a100-N` (80 GB SXM), `a100-40g-N`, `b200-N`) are N
+GPUs in machines of 8, described by XLA's target descriptions shipped in gpu_targets/.
 """
 
 import dataclasses
+import importlib.resources
+import importlib.util
+import os
 import re
 import sys
 import time
@@ -69,12 +78,71 @@ SHAPES = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+  target: str  # GpuTargetConfigProto text file in llama_jax/gpu_targets/
+  peak_flops: float  # dense bfloat16
+
+  def target_config(self) -> str:
+    return importlib.resources.files('llama_jax').joinpath('gpu_targets', self.target).read_text()
+
+  @property
+  def hbm_bytes(self) -> int:  # the card's memory, as its target description states it
+    return int(re.search(r'device_memory_size: (\d+)', self.target_config()).group(1))
+
+
+GPUS = {
+    'h100': Gpu('h100_sxm.txtpb', 989e12),
+    'h200': Gpu('h200.txtpb', 989e12),
+    'a100': Gpu('a100_sxm_80.txtpb', 312e12),
+    'a100-40g': Gpu('a100_sxm_40.txtpb', 312e12),
+    'b200': Gpu('b200.txtpb', 2250e12),
+}
+GPUS_PER_MACHINE = 8
+_GPU_NAME = re.compile(r'(' + '|'.join(sorted(GPUS, key=len, reverse=True)) + r')-(\d+)')
+
+
+def is_gpu_topology(name: str) -> bool:
+  return _GPU_NAME.fullmatch(name) is not None
+
+
+def parse_gpu_topology(name: str) -> tuple[Gpu, int, str]:
+  """'h100-16' -> (H100, 16 GPUs, '1x2x8'): <slices>x<machines>x<GPUs per machine>."""
+  match = _GPU_NAME.fullmatch(name)
+  if not match:
+    raise UserError(f'unknown GPU topology {name!r}; use {", ".join(f"{g}-N" for g in GPUS)} '
+                    f'for N GPUs in machines of {GPUS_PER_MACHINE}.')
+  gpu, count = GPUS[match.group(1)], int(match.group(2))
+  if count < 1 or (count > GPUS_PER_MACHINE and count % GPUS_PER_MACHINE):
+    raise UserError(f'{name}: N must be 1..{GPUS_PER_MACHINE} (one machine) or a multiple of '
+                    f'{GPUS_PER_MACHINE} (whole machines).')
+  per_machine = min(count, GPUS_PER_MACHINE)
+  return gpu, count, f'1x{count // per_machine}x{per_machine}'
+
+
+def gpu_topology_devices(name: str):
+  """Compile-only GPU devices for `name` (the CUDA compiler, no GPU needed)."""
+  gpu, _, topology_name = parse_gpu_topology(name)
+  if importlib.util.find_spec('jax_plugins.xla_cuda13') is None:
+    raise UserError(f'compiling for {name} needs the CUDA compiler: '
+                    "pip install -e '.[gpu-aot]'.")
+  from jax.experimental import topologies
+  try:
+    topology = topologies.get_topology_desc(platform='cuda', target_config=gpu.target_config(),
+                                            topology=topology_name)
+  except NotImplementedError:  # the CUDA plugin did not register: its library check failed
+    raise UserError(f'cannot describe {name}: the CUDA plugin is not loaded; run with '
+                    'JAX_PLATFORMS=cpu (python -m llama_jax.aot sets it itself).') from None
+  return gpu, topology.devices
+
+
 def parse_topology(name: str) -> tuple[Chip, int, str]:
   """'v5p-128' -> (chip, 64 chips, 'v5p:4x4x4'), with Cloud TPU's counting rules."""
   match = re.fullmatch(r'(v4|v5p|v5e|v5litepod|v6e)-(\d+)', name)
   if not match:
     raise UserError(f'unknown topology {name!r}; use a Cloud TPU name such as v4-8..v4-1024, '
-                    'v5p-8..v5p-1024, v5e-1..v5e-256 (or v5litepod-N), v6e-1..v6e-256.')
+                    'v5p-8..v5p-1024, v5e-1..v5e-256 (or v5litepod-N), v6e-1..v6e-256, or a '
+                    f'GPU topology: {", ".join(f"{g}-N" for g in GPUS)}.')
   family, count = match.group(1), int(match.group(2))
   chip = CHIPS[family]
   chips = count // chip.cores_per_chip_in_name
@@ -86,7 +154,12 @@ def parse_topology(name: str) -> tuple[Chip, int, str]:
 
 
 def topology_devices(name: str, slices: int = 1):
-  """The TPU devices of `slices` slices of topology `name` (compile-only, no TPU needed)."""
+  """The devices of `slices` slices of TPU topology `name`, or of GPU topology `name`
+  (compile-only, no accelerator needed): (Chip or Gpu, devices)."""
+  if is_gpu_topology(name):
+    if slices != 1:
+      raise UserError(f'--slices is for TPUs; {name} already counts all its GPUs.')
+    return gpu_topology_devices(name)
   chip, chips, topology_name = parse_topology(name)
   dims = [int(d) for d in topology_name.split(':')[1].split('x')]
   host_bounds = tuple(min(2, d) for d in dims) + (1,) * (3 - len(dims))  # up to 2x2 chips a host
@@ -102,7 +175,8 @@ def topology_devices(name: str, slices: int = 1):
                       'loaded, such as a training run); let it finish, or set '
                       'ALLOW_MULTIPLE_LIBTPU_LOAD=1 for this compile-only run.') from None
     raise UserError(f'cannot describe TPU topology {topology_name} ({str(error)[:200]}); '
-                    "install libtpu with `pip install -e '.[tpu]'`.") from None
+                    "install libtpu with `pip install -e '.[tpu]'` (or name a GPU topology "
+                    'such as h100-8).') from None
   return chip, topology.devices
 
 
@@ -138,11 +212,20 @@ def memory_per_chip(compiled) -> dict:
 GIB = 2**30
 _SUGGESTIONS = ('to fit: model.remat=full, a larger mesh.fsdp (or mesh.tensor), more '
                 'train.microbatches, or a bigger slice.')
+_GPU_SUGGESTIONS = ('to fit: model.remat=full, a larger mesh.fsdp (or mesh.tensor), more '
+                    'train.microbatches, or more GPUs.')
+# What a compile on a CPU host cannot know about a GPU run.
+_GPU_CAVEATS = ('GPU compile on this host: no autotuning (GEMMs get default Triton configs), '
+                'cuDNN workspaces not counted, and JAX preallocates 75% of the card unless '
+                'XLA_PYTHON_CLIENT_MEM_FRACTION says more.')
 
 
 def report(config, topology: str, slices: int, assumed_mfu: float, tokens: float) -> bool:
-  """Compiles, prints the figures, and returns whether the step fits in HBM."""
+  """Compiles, prints the figures, and returns whether the step fits in the device memory."""
   chip, devices = topology_devices(topology, slices)
+  gpu = isinstance(chip, Gpu)
+  unit, memory_name = ('GPU', 'memory per GPU') if gpu else ('chip', 'HBM per chip')
+  suggestions = _GPU_SUGGESTIONS if gpu else _SUGGESTIONS
   start = time.perf_counter()
   try:
     compiled, built = compile_train_step(config, devices)
@@ -153,7 +236,7 @@ def report(config, topology: str, slices: int, assumed_mfu: float, tokens: float
     detail = re.search(r'Ran out of memory[^\n]*', message)
     print(f'topology {topology} x {slices} slice(s): DOES NOT FIT: '
           f'{detail.group(0) if detail else message[:300]}')
-    print(_SUGGESTIONS)
+    print(suggestions)
     return False
   compile_s = time.perf_counter() - start
   model_config, n_params, mesh = built.model_config, built.n_params, built.mesh
@@ -164,34 +247,41 @@ def report(config, topology: str, slices: int, assumed_mfu: float, tokens: float
                                            n_params) * batch_tokens
   step_s = step_flops / (chips * chip.peak_flops * assumed_mfu)
   fits = memory['total'] <= chip.hbm_bytes
-  print(f'topology {topology} x {slices} slice(s): {chips} chips ({devices[0].device_kind}), '
-        f'mesh {dict(mesh.shape)}')
+  where = f'{topology}: {chips} GPUs' if gpu else f'{topology} x {slices} slice(s): {chips} chips'
+  print(f'topology {where} ({devices[0].device_kind}), mesh {dict(mesh.shape)}')
   print(f'model {n_params:,} parameters, remat {model_config.remat}, attention '
         f'{model_config.attention}, '
         f'batch {config.train.batch_size} x {config.train.seq_len} in '
         f'{config.train.microbatches} microbatch(es)')
   print(f'compiled in {compile_s:.1f}s')
-  print('HBM per chip: ' + ', '.join(f'{k} {v / GIB:.2f} GiB' for k, v in memory.items()) +
+  print(f'{memory_name}: ' + ', '.join(f'{k} {v / GIB:.2f} GiB' for k, v in memory.items()) +
         f' of {chip.hbm_bytes / GIB:.0f} GiB -> {"fits" if fits else "DOES NOT FIT"}')
   text = compiled.as_text()
-  print('largest arrays on a chip: ' +
+  print(f'largest arrays on a {unit}: ' +
         ', '.join(f'{shape} {size / GIB:.2f} GiB' for size, shape in hlo.largest_arrays(text, 3)))
-  print('collectives per step per chip: ' +
+  print(f'collectives per step per {unit}: ' +
         ', '.join(f'{kind} {ops} ops {size / GIB:.2f} GiB'
                   for kind, (ops, size) in hlo.collectives(text).items()
                   if ops))
   print(f'model FLOPs per step {step_flops:.3e} (6N + causal attention)')
-  print(f'assuming {assumed_mfu:.0%} MFU (an assumption, not a measurement): step '
-        f'{step_s:.2f}s, {batch_tokens / step_s / chips:,.0f} tokens/s/chip, '
+  print(f'assuming {assumed_mfu:.0%} MFU of {chip.peak_flops / 1e12:.0f} TFLOP/s dense bf16 per '
+        f'{unit} (an assumption, not a measurement): step '
+        f'{step_s:.2f}s, {batch_tokens / step_s / chips:,.0f} tokens/s/{unit}, '
         f'{tokens:.2e} tokens in {tokens / batch_tokens * step_s / 86400:.1f} days')
+  if gpu:
+    print(_GPU_CAVEATS)
   if not fits:
-    print(_SUGGESTIONS)
+    print(suggestions)
   return fits
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.ERROR)
+  if 'JAX_PLATFORMS' not in os.environ:
+    # Compile-only: no local accelerator is used, and the CUDA plugin registers its compiler
+    # without checking for CUDA libraries only when CUDA is not a requested platform.
+    jax.config.update('jax_platforms', 'cpu')
   FLAGS = flags.FLAGS
   try:
     fits = report(FLAGS.config, FLAGS.topology, FLAGS.slices, FLAGS.assumed_mfu, FLAGS.tokens)
@@ -201,7 +291,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string('topology', None, 'A Cloud TPU slice name: v4-8, v5p-128, v5e-16...')
+  flags.DEFINE_string('topology', None,
+                      'A Cloud TPU slice (v4-8, v5p-128, v5e-16...) or GPUs (h100-8, h200-64...).')
   flags.DEFINE_integer('slices', 1, 'Slices joined over the data-center network.')
   flags.DEFINE_float('assumed_mfu', 0.5, 'MFU assumed for the time estimates (not measured).')
   flags.DEFINE_float('tokens', 1e12, 'Training tokens, for the days estimate.')

@@ -23,6 +23,8 @@ When the mesh splits the sequence, context_parallel.py runs reference, blockwise
 on each chip's own queries.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -62,7 +64,20 @@ def unsupported(implementation: str, *, platform: str, length: int, head_dim: in
     if segments:
       return ('cannot keep attention inside packed documents; set data.segment_mask=False '
               'or use model.attention=triton')
+    if not _cudnn_found():
+      return ("needs the cuDNN library, which JAX does not find (pip install -e '.[gpu]' "
+              'installs it)')
   return None
+
+
+@functools.cache
+def _cudnn_found() -> bool:
+  from jax._src.cudnn import fused_attention_stablehlo  # JAX's own check (no public one)
+  try:
+    fused_attention_stablehlo.check_cudnn_version()
+  except RuntimeError:  # "cuDNN not found."
+    return False
+  return True
 
 
 def resolve_implementation(implementation: str, platform: str, *, length: int, head_dim: int, dtype,
@@ -351,12 +366,22 @@ def _splash_kernel(q, k, v, segment_ids, *, block, interpret):
   return heads_first(out)
 
 
+# The Triton kernel's backward blocks (dq and dk/dv, queries and keys alike) by head_dim:
+# the largest that compile, forward and backward, for A100, H100 (sm_90a) and B200 at
+# forward blocks of KERNEL_BLOCK (`python -m benchmarks.triton_blocks`, compile-only). At
+# head_dim 128, 128-wide backward blocks compile for A100 and H100 but need 296,000 bytes
+# of shared memory on a B200 (232,448 there); forward blocks of 256 exceed the shared
+# memory at head_dim 128 on all three. Other head_dims keep the kernel's default, 32.
+# Which is fastest is not known: only a GPU can time them.
+_TRITON_BACKWARD_BLOCK = {64: 128, 128: 64}
+
+
 def _triton_kernel(q, k, v, segment_ids, *, block, interpret):
   """The Pallas GPU flash-attention kernel; it wants as many key/value heads as queries."""
   from jax.experimental.pallas.ops.gpu import attention as gpu_attention
   group = q.shape[2] // k.shape[2]
   k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-  backward = min(32, block)
+  backward = min(_TRITON_BACKWARD_BLOCK.get(q.shape[-1], 32), block)
   sizes = gpu_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=backward,
                                    block_kv_dkv=backward, block_q_dq=backward, block_kv_dq=backward)
   return gpu_attention.mha(q, k, v, segment_ids, sm_scale=q.shape[-1]**-0.5, causal=True,

@@ -105,12 +105,14 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: i
     (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(())), jax.tree.map(split, batch))
   grad_norm = optax.tree.norm(grads)
 
-  def update(_):
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    return optax.apply_updates(state.params, updates), opt_state
-
+  # A non-finite step keeps the old values, chosen per element: one elementwise pass over
+  # each leaf that XLA writes into the donated buffers. (A lax.cond between two whole new
+  # trees made XLA's GPU compiler keep three extra float32 copies of the parameters.)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
+  keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = jax.tree.map(keep_if_bad, optax.apply_updates(state.params, updates), state.params)
+  opt_state = jax.tree.map(keep_if_bad, opt_state, state.opt_state)
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                          bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
                          skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))

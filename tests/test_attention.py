@@ -124,7 +124,9 @@ def test_training_attention_never_builds_a_length_by_length_array(implementation
   assert square in jax.jit(reference_grad).lower(q).as_text()  # the check can fail
 
 
-def test_auto_resolves_per_platform_and_shape():
+def test_auto_resolves_per_platform_and_shape(monkeypatch):
+  monkeypatch.setattr(attention_lib, '_cudnn_found', lambda: True)  # as with jax[cuda13]
+
   def resolve(platform, length=2048, dtype=jnp.bfloat16, segments=True, implementation='auto'):
     return attention_lib.resolve_implementation(implementation, platform, length=length,
                                                 head_dim=128, dtype=dtype, segments=segments)
@@ -148,3 +150,7 @@ def test_auto_resolves_per_platform_and_shape():
     resolve('gpu', length=2000, implementation='triton')
   with pytest.raises(ConfigError, match='cudnn needs model.dtype bfloat16 or float16'):
     resolve('gpu', dtype=jnp.float32, segments=False, implementation='cudnn')
+  monkeypatch.setattr(attention_lib, '_cudnn_found', lambda: False)  # as with gpu-aot
+  assert resolve('gpu', segments=False) == 'triton'
+  with pytest.raises(ConfigError, match='cudnn needs the cuDNN library.*here: triton'):
+    resolve('gpu', segments=False, implementation='cudnn')
