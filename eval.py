@@ -75,7 +75,7 @@ def run():
   evaluation.check_tasks(harness_tasks, FLAGS.harness_include_path)  # before minutes of restore
   experiment = experiment_lib.build(config, devices)
   params = evaluation.restore_params(directory, step, experiment.model_config,
-                                     experiment.shardings.params, FLAGS.bfloat16)
+                                     experiment.params_shardings, FLAGS.bfloat16)
   perplexity = not prompts and not FLAGS.task and not harness_tasks
   corpus = mixture.open_corpus(config.data) if perplexity else None  # the only use of the data
   tokenizer = tokenizer_lib.for_data(config.data, config.model.vocab_size)  # never trains one

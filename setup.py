@@ -27,6 +27,7 @@ setuptools.setup(
         'pyarrow>=14',  # .parquet corpora (llama_jax.data.prepare)
         'zstandard>=0.23',  # .jsonl.zst corpora (llama_jax.data.prepare)
         'tensorboardX>=2.6.5',  # TensorBoard event files without TensorFlow
+        'jinja2>=3.1',  # chat templates (llama_jax.data.chat), sandboxed as transformers does
     ],
     extras_require={
         # torch: the CPU build that lies on this project's machines (a plain `torch`
@@ -40,6 +41,7 @@ setuptools.setup(
             'yapf>=0.43',  # lint and format checks (pyproject.toml)
             'lm-eval>=0.4.13',  # the harness adapter's tests ...
             'accelerate>=1.0',  # ... against the harness's Hugging Face model
+            'peft>=0.17',  # LoRA adapters exported by llama_jax.convert --peft load in PEFT
         ],
         'meta': ['torch>=2.0'],  # reading Meta's consolidated.*.pth checkpoints
         'eval': ['lm-eval>=0.4.13'],  # lm-evaluation-harness tasks (llama_jax.harness)

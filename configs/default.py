@@ -25,6 +25,10 @@ def get_config():
   model.attention = 'auto'  # auto | reference | blockwise | splash | triton | cudnn (attention.py)
   model.remat = 'full'  # none | full | save_dots | save_attention (llama_jax/model.py)
   model.scan_layers = True  # scan over stacked layers; False loops (debugging)
+  model.lora = lora = ml_collections.ConfigDict()  # adapters on a frozen base (llama_jax/lora.py)
+  lora.rank = 0  # rank of each adapter; 0 = no adapters, every parameter trains
+  lora.alpha = 16.0  # updates are scaled by alpha / rank
+  lora.targets = ('wq', 'wk', 'wv', 'wo')  # projections adapted: any of wq wk wv wo w1 w2 w3
 
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = 1  # pure data parallelism (replicated parameters)

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from llama_jax import checkpoint as checkpoint_lib
+from llama_jax import lora
 from llama_jax import model as model_lib
 from llama_jax import steps
 from llama_jax.data import pipeline
@@ -39,10 +40,23 @@ def load_config(directory: str, step: int | None, overrides: dict, defaults):
 
 
 def restore_params(directory: str, step: int, model_config, shardings, bfloat16: bool = False):
-  """The checkpoint's parameters, placed by `shardings` (the params of a state's)."""
+  """Every parameter of checkpoint `step`, placed by `shardings` (an Experiment's
+  params_shardings). A LoRA run's checkpoint holds adapters: they come with the base they
+  apply to, read in the compute dtype as in training."""
   abstract = nnx.state(model_lib.abstract_model(model_config), nnx.Param)
   if bfloat16:  # Orbax casts while reading: half the memory, never float32 in between
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), abstract)
+  if not model_config.lora.rank:
+    return _read_params(directory, step, abstract, shardings)
+  adapters, base = nnx.split_state(abstract, lora.Adapter, ...)
+  adapter_shardings, base_shardings = nnx.split_state(shardings, lora.Adapter, ...)
+  base = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, model_config.compute_dtype), base)
+  source = checkpoint_lib.saved_base(directory, step)
+  return nnx.merge_state(_read_params(directory, step, adapters, adapter_shardings),
+                         _read_params(source['directory'], source['step'], base, base_shardings))
+
+
+def _read_params(directory: str, step: int, abstract, shardings):
   try:
     return checkpoint_lib.restore_params(directory, step, abstract, shardings)
   except Exception as error:  # Orbax and TensorStore raise many kinds for a damaged file
