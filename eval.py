@@ -13,21 +13,18 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
 from llama_jax import checkpoint as checkpoint_lib
-from llama_jax import evaluation, generate
+from llama_jax import config_flag, evaluation, generate
 from llama_jax import experiment as experiment_lib
 from llama_jax import sharding as sharding_lib
 from llama_jax.data import mixture
 from llama_jax.data import tokenizer as tokenizer_lib
 from llama_jax.errors import ConfigError, UserError
 
-config_flags.DEFINE_config_file(
-    'config', 'configs/default.py', 'Its --config.* overrides '
-    'apply; for converted weights, its groups besides `model` too.')
 flags.DEFINE_string(
     'workdir', None, 'A train.py workdir or a llama_jax.convert output (its '
     'checkpoints/ folder is read; --checkpoint_dir reads another).')
@@ -135,4 +132,6 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('workdir')
-  app.run(main)
+  config_flag.run(
+      main, 'configs/default.py', 'Its --config.* overrides apply; for converted weights, '
+      'its groups besides `model` too.')

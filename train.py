@@ -6,13 +6,11 @@ it with the same workdir to resume. Override any config key with --config.a.b=va
 
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-from llama_jax import processes, train_loop
+from llama_jax import config_flag, processes, train_loop
 from llama_jax.errors import UserError
 
-config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config file (ml_collections).')
 flags.DEFINE_string('workdir', 'runs/tiny', 'Where checkpoints and metrics go (path or gs://).')
 flags.DEFINE_string(
     'coordinator_address', '', 'host:port of process 0, to run several '
@@ -34,4 +32,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  config_flag.run(main, 'configs/tiny.py', 'Config file (ml_collections).')

@@ -1,4 +1,4 @@
-"""The README's fit table: the smallest v5p and v4 slice that holds each paper config.
+"""The fit table of docs/tpu.md: the smallest v5p and v4 slice that holds each paper config.
 
   python -m benchmarks.fit_table [--configs=llama_7b,llama_13b,llama_33b,llama_65b]
 

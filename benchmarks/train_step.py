@@ -12,10 +12,9 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from llama_jax import aot, steps
+from llama_jax import aot, config_flag, steps
 from llama_jax import experiment as experiment_lib
 from llama_jax import metrics as metrics_lib
 
@@ -109,9 +108,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config file.')
   flags.DEFINE_integer('steps', 20, 'Timed steps (after 2 warm-up steps).')
   flags.DEFINE_bool(
       'compile_only', False, 'Only compile (shape-only state: any model size) and '
       'print the compile time.')
-  app.run(main)
+  config_flag.run(main, 'configs/tiny.py', 'Config file.')

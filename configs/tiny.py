@@ -15,7 +15,7 @@ def get_config():
   config.model.vocab_size = 4096
   config.model.multiple_of = 32
   config.model.max_seq_len = 256
-  config.model.remat = 'save_dots'  # fastest on CPU (README, Performance)
+  config.model.remat = 'save_dots'  # fastest on CPU (docs/performance.md)
 
   config.train.steps = 300
   config.train.batch_size = 16

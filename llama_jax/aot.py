@@ -17,9 +17,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
+from llama_jax import config_flag
 from llama_jax import experiment as experiment_lib
 from llama_jax import hlo
 from llama_jax import metrics as metrics_lib
@@ -205,6 +205,5 @@ if __name__ == '__main__':
   flags.DEFINE_integer('slices', 1, 'Slices joined over the data-center network.')
   flags.DEFINE_float('assumed_mfu', 0.5, 'MFU assumed for the time estimates (not measured).')
   flags.DEFINE_float('tokens', 1e12, 'Training tokens, for the days estimate.')
-  config_flags.DEFINE_config_file('config', 'configs/llama_7b.py', 'Config file.')
   flags.mark_flag_as_required('topology')
-  app.run(main)
+  config_flag.run(main, 'configs/llama_7b.py', 'Config file.')

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from llama_jax import checkpoint as checkpoint_lib
+from llama_jax import config_flag
 from llama_jax import lora
 from llama_jax import model as model_lib
 from llama_jax import steps
@@ -33,9 +34,7 @@ def load_config(directory: str, step: int | None, overrides: dict, defaults):
     base.train.seq_len = min(base.train.seq_len, base.model.max_seq_len)
     saved = base.to_dict()
   config = ml_collections.ConfigDict(saved)
-  for key, value in overrides.items():
-    group, name = key.split('.', 1)
-    config[group][name] = value
+  config_flag.apply(config, overrides)
   return config, step
 
 

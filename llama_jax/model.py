@@ -152,7 +152,7 @@ def project(x, w, contract: int = 1, out_dtype=None):
 
   On TPU and GPU one dot_general over the unflattened axes, so a length axis split over
   `sequence` stays split; flattening [batch, length] there costs all-to-alls and memory
-  (README, "Matmul layout"). On CPU one 2-D matmul [batch * length, in] @ [in, out]: XLA:CPU's
+  (docs/model.md). On CPU one 2-D matmul [batch * length, in] @ [in, out]: XLA:CPU's
   backward of the batched form transposes activations inside fusions (1.4x slower).
   """
   if compute_platform() != 'cpu':

@@ -92,10 +92,10 @@ def test_no_array_on_a_chip_holds_a_global_activation(mesh):
 
 @pytest.mark.slow
 def test_llama_7b_at_the_paper_batch_fits_v5p_128():
-  """The README's fit: 7B, 2048 x 2048 tokens in one microbatch, remat full, fsdp 64."""
+  """docs/tpu.md's fit: 7B, 2048 x 2048 tokens in one microbatch, remat full, fsdp 64."""
   config = importlib.import_module('configs.llama_7b').get_config()
   chip, devices = aot.topology_devices('v5p-128')
   compiled, built = aot.compile_train_step(config, devices)
   assert config.train.microbatches == 1 and built.model_config.remat == 'full'
   total = aot.memory_per_chip(compiled)['total']
-  assert total < 0.5 * chip.hbm_bytes, total / 2**30  # README: 40.23 of 95 GiB
+  assert total < 0.5 * chip.hbm_bytes, total / 2**30  # docs/tpu.md: 40.23 of 95 GiB
