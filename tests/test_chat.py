@@ -2,10 +2,16 @@
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 import transformers
+from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from llama_jax import model as model_lib
+from llama_jax import steps
 from llama_jax.data import chat
 from llama_jax.errors import UserError
 
@@ -163,3 +169,69 @@ def test_bad_conversations_are_one_sentence(tokenizers_pair):
     chat.render(dataclasses.replace(ours, chat_template=None), CONVERSATIONS['no_system'])
   with pytest.raises(UserError, match="data.chat_template is 'llama4'"):
     chat.render(ours, CONVERSATIONS['no_system'], template_name='llama4')
+
+
+def _packed_batch(conversations, length):
+  """One row holding the rendered conversations back to back (segment ids 1, 2, ...), as the
+  pipeline packs documents: a target weighs its render weight inside its own conversation."""
+  tokens, loss_weights, segments, positions = [], [], [], []
+  for segment, (ids, weights) in enumerate(conversations, 1):
+    tokens += ids
+    loss_weights += weights
+    segments += [segment] * len(ids)
+    positions += list(range(len(ids)))
+  pad = length + 1 - len(tokens)
+  assert pad >= 0
+  tokens, loss_weights = tokens + [0] * pad, loss_weights + [0] * pad
+  segments, positions = segments + [0] * pad, positions + [0] * pad
+  tokens, segments = np.array([tokens]), np.array([segments])
+  return {
+      'inputs': jnp.asarray(tokens[:, :-1]),
+      'targets': jnp.asarray(tokens[:, 1:]),
+      'segment_ids': jnp.asarray(segments[:, :-1]),
+      'positions': jnp.asarray(np.array([positions])[:, :-1]),
+      'weights': jnp.asarray(
+          (segments[:, 1:] == segments[:, :-1]) * np.array([loss_weights])[:, 1:], jnp.float32),
+  }
+
+
+def test_packed_sft_loss_is_the_assistant_tokens_mean_and_ignores_user_targets(tokenizers_pair):
+  ours, _ = tokenizers_pair
+  conversations = [chat.render(ours, m) for m in CONVERSATIONS.values()]
+  conversations.append(chat.render(ours, CONVERSATIONS['no_system'], template_name='llama2'))
+  config = model_lib.ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=400, multiple_of=16,
+                                 max_seq_len=256, dtype='float32', attention='reference')
+  model = model_lib.Transformer(config, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  batch = _packed_batch(conversations, 160)
+  loss, weight, _ = steps.token_losses(params, graphdef, batch, 0.0, True, 1)
+
+  # naive: each conversation alone, float64 log-softmax, the assistant targets only
+  total, count = 0.0, 0
+  for ids, weights in conversations:
+    logits = np.asarray(model(jnp.asarray([ids[:-1]]))[0][0], np.float64)
+    log_probs = logits - np.log(
+        np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+            -1, keepdims=True)
+    for t, (target, w) in enumerate(zip(ids[1:], weights[1:])):
+      total -= w * log_probs[t, target]
+      count += w
+  assert count == float(weight) > 0
+  np.testing.assert_allclose(float(loss) / float(weight), total / count, rtol=1e-5)
+
+  # a user-turn target (weight 0) changes no gradient
+  grad = jax.grad(lambda p, b: steps.token_losses(p, graphdef, b, 0.0, True, 1)[0])
+  user = int(
+      np.flatnonzero((np.asarray(batch['weights'][0]) == 0) &
+                     (np.asarray(batch['segment_ids'][0]) == 1))[3])
+  changed = dict(batch, targets=batch['targets'].at[0, user].set(
+      (batch['targets'][0, user] + 7) % 400))
+  for a, b in zip(jax.tree.leaves(grad(params, batch)), jax.tree.leaves(grad(params, changed))):
+    np.testing.assert_array_equal(a, b)
+  assistant = int(np.flatnonzero(np.asarray(batch['weights'][0]))[0])
+  changed = dict(
+      batch, targets=batch['targets'].at[0, assistant].set(
+          (batch['targets'][0, assistant] + 7) % 400))
+  assert not np.array_equal(
+      jax.tree.leaves(grad(params, batch))[0],
+      jax.tree.leaves(grad(params, changed))[0])
