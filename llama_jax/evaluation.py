@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from llama_jax import checkpoint as checkpoint_lib
@@ -51,6 +52,9 @@ def restore_params(directory: str, step: int, model_config, shardings, bfloat16:
   adapter_shardings, base_shardings = nnx.split_state(shardings, lora.Adapter, ...)
   base = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, model_config.compute_dtype), base)
   source = checkpoint_lib.saved_base(directory, step)
+  if not epath.Path(source['directory'], str(source['step'])).is_dir():
+    raise UserError(f'the adapters in {directory}/{step} apply to the base checkpoint '
+                    f'{source["directory"]}/{source["step"]}, which is gone; put it back there.')
   return nnx.merge_state(_read_params(directory, step, adapters, adapter_shardings),
                          _read_params(source['directory'], source['step'], base, base_shardings))
 

@@ -256,3 +256,6 @@ def test_export_errors_are_one_sentence(tmp_path, make_hf_model):
     convert.convert_orbax(str(tmp_path / 'run'), None, str(tmp_path / 'out'), merge=False,
                           peft=False, to='hf')
   assert not os.path.exists(tmp_path / 'out')
+  os.rename(tmp_path / 'base', tmp_path / 'moved')
+  with pytest.raises(UserError, match='apply to the base checkpoint .*, which is gone'):
+    convert.read_orbax(str(tmp_path / 'run'))
