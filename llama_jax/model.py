@@ -58,7 +58,7 @@ class ModelConfig:
   norm_eps: float = 1e-6
   rope_theta: float = 10000.0
   max_seq_len: int = 2048
-  dtype: str = 'bfloat16'  # compute dtype; parameters float32 (a LoRA run's frozen ones: this)
+  dtype: str = 'bfloat16'  # compute dtype, and a LoRA run's frozen base; parameters float32
   attention: str = 'auto'  # see attention.py
   remat: str = 'full'  # a key of REMAT_POLICIES
   scan_layers: bool = True  # False: a Python loop over layers, for debugging
