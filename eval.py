@@ -75,14 +75,15 @@ def run():
                                      experiment.params_shardings, FLAGS.bfloat16)
   perplexity = not prompts and not FLAGS.task and not harness_tasks
   corpus = mixture.open_corpus(config.data) if perplexity else None  # the only use of the data
-  tokenizer = tokenizer_lib.for_data(config.data, config.model.vocab_size)  # never trains one
+  tokenizer = tokenizer_lib.for_data(config.data, config.model.vocab_size,
+                                     checkpoints=(FLAGS.workdir,))  # never trains one
   model = evaluation.model_of(params, config)
   results = {'step': step}
 
   if prompts:
     sampling = generate.Sampling(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
-    ids = [[tokenizer.bos_id()] + tokenizer.encode(p) for p in prompts]
-    outputs = generate.generate(model, ids, sampling, tokenizer.eos_id(), FLAGS.seed)
+    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    outputs = generate.generate(model, ids, sampling, tokenizer.stop_ids, FLAGS.seed)
     results['generations'] = [{
         'prompt': p,
         'completion': tokenizer.decode(o)
@@ -107,7 +108,7 @@ def run():
     rows = sharding_lib.rows_of_process(experiment.batch_sharding, config.train.batch_size)
     by_source = evaluation.perplexity_by_source(config, experiment.eval_step, params, corpus,
                                                 tokenizer, rows, experiment.batch_sharding,
-                                                jnp.asarray(evaluation.byte_lengths(tokenizer)))
+                                                jnp.asarray(tokenizer.token_bytes()))
     results['perplexity'] = by_source.pop('')
     if by_source:
       results['perplexity_by_source'] = by_source

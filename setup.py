@@ -15,6 +15,8 @@ setuptools.setup(
         'optax>=0.2.8',
         'orbax-checkpoint>=0.12.8',
         'sentencepiece>=0.2.3',
+        'tokenizers>=0.21',  # Hugging Face tokenizer.json files
+        'tiktoken>=0.9',  # Meta's Llama 3 tokenizer.model (read from the file, never fetched)
         'tensorflow-datasets>=4.9.10',
         'importlib_resources>=6.0',  # imported by tensorflow-datasets without declaring it
         'array_record>=0.8.1',  # tfds' ArrayRecord file format

@@ -207,7 +207,7 @@ def check_generation(plan: Plan) -> list:
   rng = np.random.default_rng(0)
   prompts = [rng.integers(3, model_config.vocab_size, size).tolist() for size in (5, 11)]
   new_tokens = 12
-  cached = generate.generate(model, prompts, generate.Sampling(new_tokens), eos_id=-1)
+  cached = generate.generate(model, prompts, generate.Sampling(new_tokens), stop_ids=[-1])
   forward = jax.jit(lambda tokens: model(tokens)[0][0, -1])
   loop = []
   for prompt in prompts:
@@ -341,9 +341,9 @@ def decoding_section(plan: Plan) -> str:
     sampling = generate.Sampling(plan.decode_new_tokens)
     for batch in plan.decode_batches:
       prompts = [[1] * plan.decode_prompt] * batch
-      generate.generate(model, prompts, sampling, eos_id=-1)  # compile
+      generate.generate(model, prompts, sampling, stop_ids=[-1])  # compile
       start = time.perf_counter()
-      generate.generate(model, prompts, sampling, eos_id=-1)  # no EOS: every token decoded
+      generate.generate(model, prompts, sampling, stop_ids=[-1])  # no EOS: every token decoded
       seconds = time.perf_counter() - start
       rows.append([
           f'{name} ({count(n_params)} parameters, bfloat16)', batch,

@@ -15,7 +15,7 @@ def get_config():
   model.n_layers = 32  # transformer blocks
   model.n_heads = 32  # query heads; head_dim = dim / n_heads
   model.n_kv_heads = ml_collections.FieldReference(None, field_type=int)  # None: = n_heads
-  model.vocab_size = 32000  # must equal the tokenizer's vocabulary size
+  model.vocab_size = 32000  # at least the tokenizer's vocabulary size
   model.multiple_of = 256  # SwiGLU hidden size rounds up to a multiple of this
   model.ffn_dim_multiplier = ml_collections.FieldReference(None, field_type=float)  # scales it
   model.norm_eps = 1e-6  # RMSNorm epsilon
@@ -90,7 +90,7 @@ def get_config():
   data.text_feature = 'text'  # the feature holding the document text
   data.train_split = 'train'
   data.eval_split = 'validation'
-  data.tokenizer = ''  # path to a sentencepiece .model; '' = train one on the train split
+  data.tokenizer = ''  # .model / tokenizer.json / tiktoken file; '' = CKPT/tokenizer/ or trained
   data.segment_mask = True  # keep attention inside each packed document
   data.shuffle = True  # shuffle documents (reshuffled every epoch)
   data.prefetch = 4  # batches prepared ahead by a background thread

@@ -18,7 +18,7 @@ from llama_jax import checkpoint as checkpoint_lib
 from llama_jax import config_flag
 from llama_jax import lora
 from llama_jax import model as model_lib
-from llama_jax import steps
+from llama_jax import scoring, steps
 from llama_jax.data import pipeline
 from llama_jax.errors import UserError
 
@@ -73,21 +73,10 @@ def model_of(params, config):
   return nnx.merge(steps.graphdef_of(model_config), params)
 
 
-def byte_lengths(tokenizer) -> np.ndarray:
-  """UTF-8 bytes each token stands for: [vocab] (0 for BOS/EOS, 1 for byte tokens)."""
-  lengths = np.zeros(tokenizer.vocab_size(), np.int32)
-  for i in range(tokenizer.vocab_size()):
-    if tokenizer.is_byte(i):
-      lengths[i] = 1
-    elif not (tokenizer.is_control(i) or tokenizer.is_unknown(i)):
-      lengths[i] = len(tokenizer.id_to_piece(i).replace('\u2581', ' ').encode())
-  return lengths
-
-
 def perplexity(eval_step, params, batches, n_batches: int, token_bytes) -> dict:
   """Loss (nats per token), perplexity and bits per byte over n_batches global batches.
 
-  eval_step: an Experiment's jitted eval step; token_bytes: byte_lengths(tokenizer).
+  eval_step: an Experiment's jitted eval step; token_bytes: tokenizer.token_bytes().
   """
   nll, weight, n_bytes = 0.0, 0.0, 0.0
   for _ in range(n_batches):
@@ -124,54 +113,6 @@ def perplexity_by_source(config, eval_step, params, corpus, tokenizer, rows: ran
   return results
 
 
-@nnx.jit
-def _continuation_scores(model, tokens, weights):
-  """Per row: sum over positions of weights * log p(token[t+1] | tokens[:t+1]), and whether
-  every weighted token is the most likely one. tokens, weights: [rows, length]."""
-  logits, _ = model(tokens[:, :-1])  # [rows, length - 1, vocab]
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  targets, scored = tokens[:, 1:], weights[:, 1:] > 0
-  target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  greedy = jnp.all((jnp.argmax(logits, axis=-1) == targets) | ~scored, axis=-1)
-  return jnp.sum(target_logp * weights[:, 1:], axis=-1), greedy
-
-
-def score_continuations(model, sequences: list[tuple[list[int], int]],
-                        batch_size: int = 16) -> list[tuple[float, bool]]:
-  """(log-likelihood, greedy) of tokens[start:] given tokens[:start], for each (tokens,
-  start); sequences of similar length are batched together, padded so that few shapes are
-  compiled. A sequence may be model.max_seq_len + 1 tokens long. Results come back in the
-  order given."""
-  order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
-  results = [None] * len(sequences)
-  for first in range(0, len(order), batch_size):
-    chunk = order[first:first + batch_size]
-    # The last token is only a target: inputs are length - 1 long, a multiple of 64.
-    length = min(64 * -(-(max(len(sequences[i][0]) for i in chunk) - 1) // 64) + 1,
-                 model.config.max_seq_len + 1)
-    tokens = np.zeros((batch_size, length), np.int32)
-    weights = np.zeros((batch_size, length), np.float32)
-    for row, index in enumerate(chunk):
-      sequence, start = sequences[index]
-      tokens[row, :len(sequence)] = sequence
-      weights[row, start:len(sequence)] = 1.0
-    scores, greedy = jax.device_get(_continuation_scores(model, tokens, weights))
-    for row, index in enumerate(chunk):
-      results[index] = (float(scores[row]), bool(greedy[row]))
-  return results
-
-
-def continuation_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
-  """BOS + context + continuation tokens, and where the continuation's tokens start
-  (tokenized together where that keeps the context's tokens, as sentencepiece may merge
-  across the boundary)."""
-  context_ids = [tokenizer.bos_id()] + tokenizer.encode(context)
-  joint = [tokenizer.bos_id()] + tokenizer.encode(context + continuation)
-  if joint[:len(context_ids)] == context_ids and len(joint) > len(context_ids):
-    return joint, len(context_ids)
-  return context_ids + tokenizer.encode(continuation), len(context_ids)
-
-
 def multiple_choice(model, tokenizer, examples: list[dict], batch_size: int = 16) -> dict:
   """Zero-shot accuracy: the choice with the highest log-likelihood given the context.
 
@@ -182,9 +123,9 @@ def multiple_choice(model, tokenizer, examples: list[dict], batch_size: int = 16
   for index, example in enumerate(examples):
     for text in example['choices']:
       owners.append(index)
-      sequences.append(continuation_tokens(tokenizer, example['context'], text))
+      sequences.append(scoring.continuation_tokens(tokenizer, example['context'], text))
       characters.append(max(len(text), 1))
-  scores = [score for score, _ in score_continuations(model, sequences, batch_size)]
+  scores = [score for score, _ in scoring.score_continuations(model, sequences, batch_size)]
   by_example = [[] for _ in examples]
   for owner, score, length in zip(owners, scores, characters):
     by_example[owner].append((score, length))

@@ -56,8 +56,9 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0):
   return tokens, segment_ids, positions
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'sampling', 'eos_id'))
-def _generate(params, tokens, segment_ids, positions, rng, *, graphdef, sampling, eos_id):
+@functools.partial(jax.jit, static_argnames=('graphdef', 'sampling'))
+def _generate(params, tokens, segment_ids, positions, stop_ids, rng, *, graphdef, sampling):
+  """stop_ids: [stops] ids that end a row (its later tokens repeat stop_ids[0])."""
   model = nnx.merge(graphdef, params)
   batch, prompt_len = tokens.shape
   cache = model_lib.KVCache.zeros(model.config, batch, prompt_len + sampling.max_new_tokens)
@@ -65,6 +66,9 @@ def _generate(params, tokens, segment_ids, positions, rng, *, graphdef, sampling
   rng, step_rng = jax.random.split(rng)
   first = sample(logits[:, -1], step_rng, sampling)
   output = jnp.zeros((batch, sampling.max_new_tokens), jnp.int32).at[:, 0].set(first)
+
+  def stops(token):  # [batch] -> [batch] bool
+    return jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
 
   def keep_going(carry):
     i, _, _, _, done, _, _ = carry
@@ -76,21 +80,24 @@ def _generate(params, tokens, segment_ids, positions, rng, *, graphdef, sampling
                           cache=cache)
     rng, step_rng = jax.random.split(rng)
     next_token = sample(logits[:, 0], step_rng, sampling)
-    next_token = jnp.where(done, eos_id, next_token)
-    return (i + 1, next_token, position + 1, cache, done | (next_token == eos_id),
+    next_token = jnp.where(done, stop_ids[0], next_token)
+    return (i + 1, next_token, position + 1, cache, done | stops(next_token),
             output.at[:, i].set(next_token), rng)
 
-  carry = (jnp.int32(1), first, positions[:, -1] + 1, cache, first == eos_id, output, rng)
+  carry = (jnp.int32(1), first, positions[:, -1] + 1, cache, stops(first), output, rng)
   return jax.lax.while_loop(keep_going, decode_one, carry)[5]
 
 
-def generate(model, prompts: list[list[int]], sampling: Sampling, eos_id: int, seed: int = 0):
-  """New tokens for each prompt (token ids), up to and without EOS."""
+def generate(model, prompts: list[list[int]], sampling: Sampling, stop_ids, seed: int = 0):
+  """New tokens for each prompt (token ids), up to and without the first of `stop_ids` (a
+  collection of ids: the tokenizer's stop_ids)."""
+  stop_ids = sorted(set(stop_ids))
   graphdef, params = nnx.split(model, nnx.Param)
   tokens, segment_ids, positions = left_pad(prompts)
-  output = _generate(params, tokens, segment_ids, positions, jax.random.key(seed),
-                     graphdef=graphdef, sampling=sampling, eos_id=eos_id)
+  output = _generate(params, tokens, segment_ids, positions, jnp.asarray(stop_ids, jnp.int32),
+                     jax.random.key(seed), graphdef=graphdef, sampling=sampling)
   results = []
   for row in np.asarray(output).tolist():
-    results.append(row[:row.index(eos_id)] if eos_id in row else row)
+    end = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
+    results.append(row[:end])
   return results

@@ -2,9 +2,10 @@
 
   python eval.py --workdir=W --harness_tasks=piqa,hellaswag [--harness_include_path=DIR]
   python eval.py --workdir=W --paper_table    # the LLaMA paper's zero-shot Table 3
+  python -m llama_jax.lm_eval_model --model llama_jax --model_args workdir=W --tasks piqa
 
 `HarnessModel` answers the harness's three kinds of request with our model: log-likelihoods
-of continuations (batched by length through evaluation.score_continuations, the scorer
+of continuations (batched by length through scoring.score_continuations, the scorer
 of our own multiple-choice evaluation), rolling log-likelihoods of whole documents, and
 greedy generation with the KV cache, cut at the request's stop strings.
 """
@@ -19,12 +20,13 @@ from lm_eval import tasks as harness_tasks
 from lm_eval import utils as harness_utils
 from lm_eval.api.model import LM
 
-from llama_jax import evaluation, generate
+from llama_jax import generate, scoring
 from llama_jax.errors import UserError
 
-# The LLaMA paper's Table 3 (zero-shot): column, the harness's task, the metric shown (the
-# paper normalizes by characters, the harness's acc_norm by bytes; BoolQ and WinoGrande
-# use plain accuracy), and the paper's LLaMA rows in percent.
+# The LLaMA paper's Table 3 (zero-shot): column, the harness's task, the metric shown
+# (acc_norm: the log-likelihood divided by the choice's length in characters, as the paper
+# normalizes; the harness's acc_bytes divides by UTF-8 bytes; BoolQ and WinoGrande use plain
+# accuracy), and the paper's LLaMA rows in percent.
 PAPER_TABLE_3 = (
     ('BoolQ', 'boolq', 'acc', (76.5, 78.1, 83.1, 85.3)),
     ('PIQA', 'piqa', 'acc_norm', (79.8, 80.1, 82.3, 82.8)),
@@ -39,7 +41,7 @@ PAPER_MODELS = ('LLaMA 7B (paper)', 'LLaMA 13B (paper)', 'LLaMA 33B (paper)', 'L
 
 
 class HarnessModel(LM):
-  """An lm-evaluation-harness model backed by our Transformer and sentencepiece tokenizer."""
+  """An lm-evaluation-harness model backed by our Transformer and tokenizer."""
   def __init__(self, model, tokenizer, batch_size: int = 16):
     super().__init__()
     self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
@@ -56,8 +58,8 @@ class HarnessModel(LM):
 
   def _scores(self, kind: str, sequences: list[tuple[list[int], int]]):
     start = time.perf_counter()
-    scores = evaluation.score_continuations(self.model, [self._fit(*s) for s in sequences],
-                                            self.batch_size)
+    scores = scoring.score_continuations(self.model, [self._fit(*s) for s in sequences],
+                                         self.batch_size)
     self.timing[kind][0] += len(sequences)
     self.timing[kind][1] += time.perf_counter() - start
     return scores
@@ -69,7 +71,7 @@ class HarnessModel(LM):
   def loglikelihood(self, requests):
     return self._scores(
         'loglikelihood',
-        [evaluation.continuation_tokens(self.tokenizer, *request.args) for request in requests])
+        [scoring.continuation_tokens(self.tokenizer, *request.args) for request in requests])
 
   def loglikelihood_rolling(self, requests):
     windows, owners = [], []
@@ -78,7 +80,7 @@ class HarnessModel(LM):
       for context, continuation in map(
           harness_utils.make_disjoint_window,
           harness_utils.get_rolling_token_windows(token_list=tokens,
-                                                  prefix_token=self.tokenizer.bos_id(),
+                                                  prefix_token=self.tokenizer.bos_id,
                                                   max_seq_len=self.max_length, context_len=1)):
         windows.append((context + continuation, len(context)))
         owners.append(index)
@@ -102,10 +104,10 @@ class HarnessModel(LM):
       for first in range(0, len(indices), self.batch_size):
         chunk = indices[first:first + self.batch_size]
         room = self.max_length - new_tokens - 1  # for the prompt after BOS; its end is kept
-        prompts = [[self.tokenizer.bos_id()] +
-                   _last(self.tokenizer.encode(requests[i].args[0]), room) for i in chunk]
-        prompts += [[self.tokenizer.bos_id()]] * (self.batch_size - len(chunk))  # one shape
-        generated = generate.generate(self.model, prompts, sampling, self.tokenizer.eos_id())
+        prompts = [[self.tokenizer.bos_id] + _last(self.tokenizer.encode(requests[i].args[0]), room)
+                   for i in chunk]
+        prompts += [[self.tokenizer.bos_id]] * (self.batch_size - len(chunk))  # one shape
+        generated = generate.generate(self.model, prompts, sampling, self.tokenizer.stop_ids)
         for index, tokens in zip(chunk, generated):
           text = self.tokenizer.decode(tokens)
           cut = min((text.find(stop) for stop in until if stop and stop in text), default=-1)

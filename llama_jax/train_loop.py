@@ -151,16 +151,21 @@ class Data:
   token_bytes: jax.Array  # [vocab] UTF-8 bytes per token, for bits per byte
 
 
-def _open_data(config, experiment: experiment_lib.Experiment) -> Data:
+def _open_data(config, experiment: experiment_lib.Experiment, workdir: str) -> Data:
   corpus = mixture.open_corpus(config.data, validation=config.train.eval_every > 0)
-  tokenizer = tokenizer_lib.for_data(config.data, experiment.model_config.vocab_size, corpus)
+  # A fine-tuned model's tokenizer goes with it, for eval.py --workdir to find.
+  init_tokenizer = tokenizer_lib.beside(config.checkpoint.init_params or '')
+  if init_tokenizer and not config.data.tokenizer:
+    tokenizer_lib.copy_beside(init_tokenizer, workdir)
+  tokenizer = tokenizer_lib.for_data(config.data, experiment.model_config.vocab_size, corpus,
+                                     checkpoints=(workdir,))
   rows = sharding_lib.rows_of_process(experiment.batch_sharding, config.train.batch_size)
   progress = pipeline.Progress([len(documents) for documents in corpus.train])
   train_iterator = iter(
       pipeline.host_batches(config, corpus.train, corpus.weights, tokenizer, rows,
                             config.data.shuffle, progress))
   return Data(rows, corpus, train_iterator, progress, tokenizer,
-              jnp.asarray(evaluation.byte_lengths(tokenizer)))
+              jnp.asarray(tokenizer.token_bytes()))
 
 
 def _lora_base(config, model_config) -> dict | None:
@@ -285,7 +290,7 @@ def train(config, workdir: str) -> dict:
     evaluation.check_tasks(config.train.eval_tasks, config.train.eval_task_dir)
     _check_workdir(workdir)
     base = _lora_base(config, experiment.model_config)
-    data = _open_data(config, experiment)
+    data = _open_data(config, experiment, workdir)
     checkpoint_dir = checkpoint_lib.directory_of(workdir, config.checkpoint.directory)
     _report_partial_checkpoints(checkpoint_dir)
     manager = checkpoint_lib.make_manager(checkpoint_dir, config.checkpoint)

@@ -129,7 +129,7 @@ def test_greedy_generation_matches_transformers(tmp_path, make_hf_model):
   convert.write_orbax(*convert.read_hf(str(tmp_path / 'hf')), str(tmp_path / 'ours'))
   ours = our_model(str(tmp_path / 'ours'))
   prompts = [[1, 17, 33, 60, 9, 81], [1, 5, 99]]  # different lengths: left padding
-  got = generate.generate(ours, prompts, generate.Sampling(max_new_tokens=10), eos_id=2)
+  got = generate.generate(ours, prompts, generate.Sampling(max_new_tokens=10), stop_ids=[2])
   for prompt, generated in zip(prompts, got):
     with torch.no_grad():
       want = hf_model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,

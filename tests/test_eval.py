@@ -62,10 +62,10 @@ def restored(run, devices, mesh_sizes, bfloat16=False, **overrides):
 def perplexity(run, **overrides):
   """eval.py's perplexity of the run's checkpoint on one device."""
   _, config, experiment, params = restored(run, jax.devices()[:1], (1, 1, 1, 1), **overrides)
-  return evaluation.perplexity_by_source(
-      config, experiment.eval_step, params, mixture.open_corpus(config.data), run['tokenizer'],
-      range(config.train.batch_size), experiment.batch_sharding,
-      jax.numpy.asarray(evaluation.byte_lengths(run['tokenizer'])))['']
+  return evaluation.perplexity_by_source(config, experiment.eval_step, params,
+                                         mixture.open_corpus(config.data), run['tokenizer'],
+                                         range(config.train.batch_size), experiment.batch_sharding,
+                                         jax.numpy.asarray(run['tokenizer'].token_bytes()))['']
 
 
 def test_restores_onto_any_mesh(run):
@@ -117,7 +117,7 @@ def test_perplexity_follows_the_segment_mask_setting(run):
 
 def test_token_byte_lengths_add_up_to_the_text(run):
   tokenizer = run['tokenizer']
-  lengths = evaluation.byte_lengths(tokenizer)
+  lengths = tokenizer.token_bytes()
   for text in ('def f(x):\n    return x + 1', 'café 日本 1999'):
     ids = tokenizer_lib.encode_document(tokenizer, text)
     assert lengths[ids].sum() == len((' ' + text).encode())  # sentencepiece's dummy prefix
@@ -133,8 +133,8 @@ def test_multiple_choice_matches_a_naive_scorer(run):
   for example in examples:
     scores = []
     for choice in example['choices']:
-      context = [tokenizer.bos_id()] + tokenizer.encode(example['context'])
-      full = [tokenizer.bos_id()] + tokenizer.encode(example['context'] + choice)
+      context = [tokenizer.bos_id] + tokenizer.encode(example['context'])
+      full = [tokenizer.bos_id] + tokenizer.encode(example['context'] + choice)
       assert full[:len(context)] == context
       logits, _ = model(np.array([full]))
       logp = jax.nn.log_softmax(logits[0], axis=-1)
@@ -168,7 +168,7 @@ def test_generation_matches_a_loop_without_cache_and_compiles_once():
   sampling = generate.Sampling(max_new_tokens=6)
   eos = 7
   generate._generate.clear_cache()
-  got = generate.generate(model, prompts, sampling, eos_id=eos)
+  got = generate.generate(model, prompts, sampling, stop_ids=[eos])
   for prompt, row in zip(prompts, got):
     sequence, want = list(prompt), []
     for _ in range(6):  # naive greedy decoding: the full forward pass every time
@@ -178,11 +178,17 @@ def test_generation_matches_a_loop_without_cache_and_compiles_once():
       sequence.append(token)
       want.append(token)
     assert row == want
-  generate.generate(model, [[1, 2, 3, 4, 5], [1, 3]], sampling, eos_id=eos)
+  generate.generate(model, [[1, 2, 3, 4, 5], [1, 3]], sampling, stop_ids=[eos])
   assert generate._generate._cache_size() == 1  # same shapes: compiled once
+  # Several stop ids (Llama 3 ends on <|eot_id|> or <|end_of_text|>): each row ends at its first.
+  longest = max(got, key=len)
+  assert len(longest) >= 2
+  second = longest[1]
+  two = generate.generate(model, prompts, sampling, stop_ids={eos, second})
+  assert two == [row[:row.index(second)] if second in row else row for row in got]
 
   model.norm.scale[...] = model.norm.scale[...] * 0  # every logit 0: argmax is token 0
-  assert generate.generate(model, prompts, sampling, eos_id=0) == [[], []]
+  assert generate.generate(model, prompts, sampling, stop_ids=[0]) == [[], []]
 
 
 def test_bad_workdirs_and_steps(run, tmp_path):
@@ -195,7 +201,8 @@ def test_bad_workdirs_and_steps(run, tmp_path):
                                         run['overrides'], defaults)
   tokenizer_lib.train(['some text for a tiny tokenizer'] * 50, 300, str(tmp_path / 'other.model'))
   config.data.tokenizer = str(tmp_path / 'other.model')
-  with pytest.raises(UserError, match='has 300 tokens but model.vocab_size is 400'):
+  config.model.vocab_size = 256
+  with pytest.raises(UserError, match='has 300 tokens but model.vocab_size is 256'):
     tokenizer_lib.for_data(config.data, config.model.vocab_size)
 
 

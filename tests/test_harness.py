@@ -12,7 +12,7 @@ import tokenizers
 import transformers
 from flax import nnx
 
-from llama_jax import convert, evaluation, harness, train_loop
+from llama_jax import convert, evaluation, harness, scoring, train_loop
 from llama_jax import model as model_lib
 from llama_jax.data import tokenizer as tokenizer_lib
 from llama_jax.errors import UserError
@@ -56,8 +56,8 @@ def naive_scores(model, tokens, start):
 def joint_tokens(tokenizer, context, continuation):
   """BOS + context + continuation tokenized together, and where the context's own tokens end
   (these tests' pairs do not merge across the boundary: asserted)."""
-  context_ids = [tokenizer.bos_id()] + tokenizer.encode(context)
-  tokens = [tokenizer.bos_id()] + tokenizer.encode(context + continuation)
+  context_ids = [tokenizer.bos_id] + tokenizer.encode(context)
+  tokens = [tokenizer.bos_id] + tokenizer.encode(context + continuation)
   assert tokens[:len(context_ids)] == context_ids
   return tokens, len(context_ids)
 
@@ -68,13 +68,13 @@ def test_a_pair_merged_across_the_boundary_keeps_the_contexts_tokens(tokenizer):
   for word in ('alpha', 'return', 'print', 'range', 'import', 'lambda', 'value', 'string'):
     for cut in range(1, len(word)):
       context, continuation = 'x = ' + word[:cut], word[cut:]
-      context_ids = [tokenizer.bos_id()] + tokenizer.encode(context)
-      joint = [tokenizer.bos_id()] + tokenizer.encode(context + continuation)
+      context_ids = [tokenizer.bos_id] + tokenizer.encode(context)
+      joint = [tokenizer.bos_id] + tokenizer.encode(context + continuation)
       if joint[:len(context_ids)] != context_ids:
         merged.append((context, continuation, context_ids))
   assert merged  # the fallback below is exercised
   for context, continuation, context_ids in merged:
-    tokens, start = evaluation.continuation_tokens(tokenizer, context, continuation)
+    tokens, start = scoring.continuation_tokens(tokenizer, context, continuation)
     assert (tokens, start) == (context_ids + tokenizer.encode(continuation), len(context_ids))
 
 
@@ -99,14 +99,14 @@ def test_rolling_loglikelihood_scores_every_token_once(model, tokenizer):
   got = harness.HarnessModel(model,
                              tokenizer).loglikelihood_rolling([Request(short),
                                                                Request(long)])
-  tokens = [tokenizer.bos_id()] + tokenizer.encode(short)
+  tokens = [tokenizer.bos_id] + tokenizer.encode(short)
   assert got[0] == pytest.approx(naive_scores(model, tokens, 1)[0], abs=1e-4)
   ids = tokenizer.encode(long)
   assert len(ids) > 64  # several windows of the model's 64 tokens
   # The harness's windows, each scored by a naive forward pass: every token exactly once.
   windows = [
       utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
-          token_list=ids, prefix_token=tokenizer.bos_id(), max_seq_len=64, context_len=1)
+          token_list=ids, prefix_token=tokenizer.bos_id, max_seq_len=64, context_len=1)
   ]
   assert sum(len(continuation) for _, continuation in windows) == len(ids)
   want = sum(naive_scores(model, c + x, len(c))[0] for c, x in windows)
@@ -114,14 +114,14 @@ def test_rolling_loglikelihood_scores_every_token_once(model, tokenizer):
 
 
 def naive_greedy(model, tokenizer, prompt, new_tokens):
-  tokens = [tokenizer.bos_id()] + tokenizer.encode(prompt)
+  tokens = [tokenizer.bos_id] + tokenizer.encode(prompt)
   for _ in range(new_tokens):
     logits = np.asarray(model(np.array([tokens]))[0][0, -1])
     tokens.append(int(logits.argmax()))
-    if tokens[-1] == tokenizer.eos_id():
+    if tokens[-1] == tokenizer.eos_id:
       break
   generated = tokens[len(tokenizer.encode(prompt)) + 1:]
-  if generated and generated[-1] == tokenizer.eos_id():
+  if generated and generated[-1] == tokenizer.eos_id:
     generated = generated[:-1]
   return tokenizer.decode(generated)
 
@@ -169,15 +169,20 @@ def test_token_loglikelihoods_equal_the_harness_hugging_face_model(make_hf_model
     assert score == pytest.approx(their_score, abs=1e-4) and greedy == their_greedy
 
 
-@pytest.fixture(scope='module')
-def task_dir(tmp_path_factory):
-  """A harness multiple-choice task over tests/example_task.jsonl, defined locally."""
-  folder = tmp_path_factory.mktemp('tasks')
-  (folder / 'local_choice.yaml').write_text(f'''task: local_choice
+# Choices of several bytes per character (whole tokens of the test tokenizer, so they cost
+# the model about as much per character as ASCII ones) beside ASCII ones: normalizing by
+# characters (acc_norm) and by bytes (acc_bytes) pick differently on some of them.
+NON_ASCII_CHOICES = (' 日本 語', ' 日本', ' 語', ' café', ' naïve', ' naïve café', ' 日本 café')
+ASCII_CHOICES = (' beta', ' alpha', ' delta gamma', ' mu', ' return', ' import')
+NON_ASCII_EXAMPLES = [('x =', [a, b]) for a in NON_ASCII_CHOICES for b in ASCII_CHOICES]
+
+
+def _task_yaml(folder, name, data_file):
+  (folder / f'{name}.yaml').write_text(f'''task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {TASK}
+    test: {data_file}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "{{{{context}}}}"
@@ -191,28 +196,56 @@ metric_list:
   - metric: acc_norm
     aggregation: mean
     higher_is_better: true
+  - metric: acc_bytes
+    aggregation: mean
+    higher_is_better: true
 ''')
+
+
+@pytest.fixture(scope='module')
+def task_dir(tmp_path_factory):
+  """Harness multiple-choice tasks defined locally: local_choice over
+  tests/example_task.jsonl, non_ascii over NON_ASCII_EXAMPLES (every label 0)."""
+  folder = tmp_path_factory.mktemp('tasks')
+  _task_yaml(folder, 'local_choice', TASK)
+  with open(folder / 'non_ascii.jsonl', 'w') as f:
+    for context, choices in NON_ASCII_EXAMPLES:
+      f.write(json.dumps({'context': context, 'choices': choices, 'label': 0}) + '\n')
+  _task_yaml(folder, 'non_ascii', folder / 'non_ascii.jsonl')
   return str(folder)
 
 
 @pytest.mark.slow
 def test_a_local_task_scores_like_a_naive_per_example_scorer(model, tokenizer, task_dir):
-  results = harness.evaluate(harness.HarnessModel(model, tokenizer), ['local_choice'], task_dir)
-  examples = [json.loads(line) for line in open(TASK)]
-  # (Its tokenization is checked on its own above; here, the harness's accuracies.)
-  correct = correct_norm = 0
-  for example in examples:
-    scores = [
-        naive_scores(model, *evaluation.continuation_tokens(tokenizer, example['context'],
-                                                            choice))[0]
-        for choice in example['choices']
-    ]
-    correct += int(np.argmax(scores) == example['label'])
-    # The harness normalizes by the continuation's length in bytes.
-    normed = [s / len(c.encode()) for s, c in zip(scores, example['choices'])]
-    correct_norm += int(np.argmax(normed) == example['label'])
-  assert results['local_choice']['acc'] == pytest.approx(correct / len(examples))
-  assert results['local_choice']['acc_norm'] == pytest.approx(correct_norm / len(examples))
+  results = harness.evaluate(harness.HarnessModel(model, tokenizer), ['local_choice', 'non_ascii'],
+                             task_dir)
+  examples = {
+      'local_choice': [json.loads(line) for line in open(TASK)],
+      'non_ascii': [json.loads(line) for line in open(os.path.join(task_dir, 'non_ascii.jsonl'))]
+  }
+  picks_differ = False
+  for task, task_examples in examples.items():
+    # (Its tokenization is checked on its own above; here, the harness's accuracies.)
+    correct = correct_chars = correct_bytes = 0
+    for example in task_examples:
+      choices = example['choices']
+      scores = [
+          naive_scores(model, *scoring.continuation_tokens(tokenizer, example['context'],
+                                                           choice))[0] for choice in choices
+      ]
+      correct += int(np.argmax(scores) == example['label'])
+      # acc_norm divides by the choice's length in characters, acc_bytes in UTF-8 bytes.
+      by_chars = np.argmax([s / len(c) for s, c in zip(scores, choices)])
+      by_bytes = np.argmax([s / len(c.encode()) for s, c in zip(scores, choices)])
+      correct_chars += int(by_chars == example['label'])
+      correct_bytes += int(by_bytes == example['label'])
+      picks_differ |= by_chars != by_bytes
+    got = results[task]
+    assert got['acc'] == pytest.approx(correct / len(task_examples))
+    assert got['acc_norm'] == pytest.approx(correct_chars / len(task_examples))
+    assert got['acc_bytes'] == pytest.approx(correct_bytes / len(task_examples))
+  assert picks_differ  # the non-ASCII choices tell characters and bytes apart
+  assert results['non_ascii']['acc_norm'] != results['non_ascii']['acc_bytes']
 
 
 def test_the_paper_table_shows_ours_beside_the_paper():
@@ -247,3 +280,33 @@ def test_tasks_run_during_training(corpus_dirs, small_config, task_dir, tmp_path
   } <= set(last)
   rows = metrics_rows(tmp_path / 'run')
   assert any('task/local_choice/acc' in row for row in rows)
+
+
+@pytest.mark.slow
+def test_lm_evals_own_command_line_runs_a_checkpoint(corpus_dirs, small_config, task_dir, tmp_path):
+  from llama_jax import lm_eval_model
+  workdir = tmp_path / 'run'
+  train_loop.train(small_config(*corpus_dirs, **{
+      'train.steps': 2,
+      'train.eval_every': 0
+  }), str(workdir))
+  command = [sys.executable, '-m', 'llama_jax.lm_eval_model', '--model', 'llama_jax']
+  done = subprocess.run(
+      command + [
+          '--model_args', f'workdir={workdir},step=2', '--tasks', 'local_choice', '--include_path',
+          task_dir, '--batch_size', '4', '--output_path',
+          str(tmp_path / 'out')
+      ], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  results, = (tmp_path / 'out').rglob('results_*.json')
+  got = json.loads(results.read_text())['results']['local_choice']
+  model, tokenizer = lm_eval_model.restore(str(workdir))
+  want = harness.evaluate(harness.HarnessModel(model, tokenizer), ['local_choice'], task_dir)
+  assert got['acc,none'] == pytest.approx(want['local_choice']['acc'])
+  assert got['acc_norm,none'] == pytest.approx(want['local_choice']['acc_norm'])
+  wrong = subprocess.run(
+      command +
+      ['--model_args', 'work_dir=x', '--tasks', 'local_choice', '--include_path', task_dir],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert wrong.returncode != 0
+  assert 'error: --model_args for llama_jax take workdir=W[,step=N,bfloat16=True]' in wrong.stderr

@@ -1,1 +1,1 @@
-"""The input pipeline: TFDS sources, a sentencepiece tokenizer, packing, per-host loading."""
+"""The input pipeline: TFDS sources, tokenizers (three formats), packing, per-host loading."""

@@ -34,18 +34,37 @@ class Progress:
     return [(furthest + 1) / length for furthest, length in zip(self.furthest, self.lengths)]
 
 
+class _TokenizedDocuments(grain.MapDataset):
+  """BOS + tokens + EOS of each document of a row's stream, tokenized `block` documents at
+  a time (the tokenizer's batched, multi-threaded path); the row reads them in order."""
+  def __init__(self, parent: grain.MapDataset, tokenizer, progress, block: int = 32):
+    super().__init__(parent)
+    self.tokenizer, self.progress, self.block = tokenizer, progress, block
+    self._cached = (-1, [])  # (block number, its (source, position, tokens [length]))
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __getitem__(self, index: int):
+    number, offset = divmod(index, self.block)
+    if self._cached[0] != number:
+      start = number * self.block
+      documents = [self._parent[i] for i in range(start, min(start + self.block, len(self)))]
+      tokens = tokenizer_lib.encode_documents(self.tokenizer, [text for _, _, text in documents])
+      self._cached = (number, [(source, position, np.asarray(ids, np.int32))
+                               for (source, position, _), ids in zip(documents, tokens)])
+    source, position, tokens = self._cached[1][offset]
+    if self.progress is not None:
+      self.progress.read(source, position)
+    return {'tokens': tokens}
+
+
 def _row_stream(documents, weights, tokenizer, row, batch_size, seq_len, seed, shuffle, progress):
   """[seq_len + 1] token sequences of one batch row, with segment ids and positions."""
-  def tokenize(document):
-    source, position, text = document
-    if progress is not None:
-      progress.read(source, position)
-    return {'tokens': np.asarray(tokenizer_lib.encode_document(tokenizer, text), np.int32)}
-
   stream = mixture.row_documents(documents, weights, row=row, batch_size=batch_size, seed=seed,
                                  shuffle=shuffle)
   # Rows read synchronously: one background thread prefetches whole batches instead.
-  rows = stream.map(tokenize).to_iter_dataset(
+  rows = _TokenizedDocuments(stream, tokenizer, progress).to_iter_dataset(
       grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   return grain.experimental.ConcatThenSplitIterDataset(rows, length_struct={'tokens': seq_len + 1})
 

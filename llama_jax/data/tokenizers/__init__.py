@@ -1,0 +1,1 @@
+"""The three tokenizer formats behind one interface (base.Tokenizer); tokenizer.load picks one."""
