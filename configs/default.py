@@ -88,6 +88,9 @@ def get_config():
   data.data_dir = '~/tensorflow_datasets'  # TFDS data dir: a local path or gs:// bucket
   data.text_dir = ''  # builtin_text input folder of .txt/.jsonl/.py files; '' = Python stdlib
   data.text_feature = 'text'  # the feature holding the document text
+  data.format = 'text'  # of data.name: text | messages | prompt_completion (a JSON record each)
+  data.chat_template = ''  # conversations: '' = the tokenizer's own template, llama2 | llama3
+  data.overlong = 'truncate'  # a conversation longer than seq_len + 1: truncate | drop
   data.train_split = 'train'
   data.eval_split = 'validation'
   data.tokenizer = ''  # .model / tokenizer.json / tiktoken file; '' = CKPT/tokenizer/ or trained

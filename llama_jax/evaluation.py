@@ -95,8 +95,11 @@ def perplexity_by_source(config, eval_step, params, corpus, tokenizer, rows: ran
                          token_bytes) -> dict:
   """{'': perplexity of the mixture of the sources' eval splits, NAME: of each source}
   (the per-source entries only when there are several), `train.eval_batches` each."""
-  def of(documents, weights):
-    host = iter(pipeline.host_batches(config, documents, weights, tokenizer, rows, shuffle=False))
+  def of(sources, documents):
+    weights = [source.weight for source in sources]
+    host = iter(
+        pipeline.host_batches(config, documents, weights, tokenizer, rows, shuffle=False,
+                              sources=sources))
     batches = pipeline.global_batches(host, batch_sharding, config.train.batch_size, rows)
     return perplexity(eval_step, params, batches, config.train.eval_batches, token_bytes)
 
@@ -106,10 +109,10 @@ def perplexity_by_source(config, eval_step, params, corpus, tokenizer, rows: ran
   if not held_out:
     raise UserError('no source has held-out documents to evaluate on; set train.eval_every=0 '
                     'or give data.eval_split a split with documents.')
-  results = {'': of([d for _, d in held_out], [s.weight for s, _ in held_out])}
+  results = {'': of([s for s, _ in held_out], [d for _, d in held_out])}
   if len(corpus.sources) > 1:
     for source, documents in held_out:
-      results[source.name] = of([documents], [1.0])
+      results[source.name] = of([source], [documents])
   return results
 
 

@@ -163,7 +163,7 @@ def _open_data(config, experiment: experiment_lib.Experiment, workdir: str) -> D
   progress = pipeline.Progress([len(documents) for documents in corpus.train])
   train_iterator = iter(
       pipeline.host_batches(config, corpus.train, corpus.weights, tokenizer, rows,
-                            config.data.shuffle, progress))
+                            config.data.shuffle, progress, corpus.sources))
   return Data(rows, corpus, train_iterator, progress, tokenizer,
               jnp.asarray(tokenizer.token_bytes()))
 
@@ -374,6 +374,11 @@ def _loop(config, experiment, state, start, data: Data, manager, checkpoint_dir,
               f'data/epochs/{source.name}': epochs
               for source, epochs in zip(data.corpus.sources, data.progress.epochs())
           }
+          epochs.update({  # conversations longer than a row, truncated or dropped so far
+              f'data/overlong/{source.name}': count
+              for source, count in zip(data.corpus.sources, data.progress.overlong)
+              if source.format != 'text'
+          })
           writer.write(done, {**last, **epochs, **goodput.row()})
           bar.set_postfix(_progress(last))
           if int(metrics['bad_steps']) >= train_config.max_bad_steps:
