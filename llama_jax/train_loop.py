@@ -168,6 +168,13 @@ def _open_data(config, experiment: experiment_lib.Experiment, workdir: str) -> D
               jnp.asarray(tokenizer.token_bytes()))
 
 
+def _check_init_params(init_params: str) -> None:
+  if init_params and not epath.Path(init_params, 'checkpoints').is_dir():
+    raise UserError(f'checkpoint.init_params {init_params} holds no checkpoints/ to start from; '
+                    f'train it first (`python train.py --workdir={init_params}`) or write it '
+                    'with `python -m llama_jax.convert`.')
+
+
 def _lora_base(config, model_config) -> dict | None:
   """The base checkpoint a LoRA run adapts ({'directory', 'step'}); None without LoRA."""
   if not model_config.lora.rank:
@@ -289,6 +296,7 @@ def train(config, workdir: str) -> dict:
     experiment = experiment_lib.build(config, devices)
     evaluation.check_tasks(config.train.eval_tasks, config.train.eval_task_dir)
     _check_workdir(workdir)
+    _check_init_params(config.checkpoint.init_params)
     base = _lora_base(config, experiment.model_config)
     data = _open_data(config, experiment, workdir)
     checkpoint_dir = checkpoint_lib.directory_of(workdir, config.checkpoint.directory)

@@ -365,3 +365,19 @@ def test_a_short_run_on_conversations_learns_the_answers(tmp_path, small_config,
   train_loop.train(config, str(tmp_path / 'run'))
   loss = losses(str(tmp_path / 'run'))
   assert loss[40] < 0.5 * loss[1]
+
+
+def test_stdlib_conversations_are_docstrings_and_fine_tuning_needs_its_base(tmp_path, small_config):
+  from llama_jax import train_loop
+  from llama_jax.data import stdlib_qa
+  train, held_out = stdlib_qa.split('train'), stdlib_qa.split('validation')
+  assert len(train) > 300 and 0 < len(held_out) < len(train) / 10
+  assert not set(train) & set(held_out)
+  answers = {
+      m['messages'][0]['content']: m['messages'][1]['content']
+      for m in map(json.loads, train + held_out)
+  }
+  assert answers['What does `json.dumps` do?'] == 'Serialize ``obj`` to a JSON formatted ``str``.'
+  config = small_config('', str(tmp_path), **{'checkpoint.init_params': str(tmp_path / 'tiny')})
+  with pytest.raises(UserError, match=r'train it first \(`python train.py --workdir='):
+    train_loop.train(config, str(tmp_path / 'run'))
