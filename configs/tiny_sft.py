@@ -23,8 +23,8 @@ def get_config():
   config.data.format = 'messages'
   config.data.chat_template = 'llama2'
 
-  config.train.steps = 60  # about 13 epochs of the 363 training conversations (~5 rows a step)
-  config.train.eval_every = 30
+  config.train.steps = 150  # ~40 epochs of the 363 training conversations (~95 a step)
+  config.train.eval_every = 50
   config.train.eval_batches = 1  # the ~13 held-out conversations fill one batch
 
   config.optim.learning_rate = 1e-3
@@ -32,5 +32,5 @@ def get_config():
   config.optim.end_lr_fraction = 0.0
   config.optim.weight_decay = 0.0
 
-  config.checkpoint.every_steps = 30
+  config.checkpoint.every_steps = 50
   return config
