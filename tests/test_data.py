@@ -381,3 +381,29 @@ def test_stdlib_conversations_are_docstrings_and_fine_tuning_needs_its_base(tmp_
   config = small_config('', str(tmp_path), **{'checkpoint.init_params': str(tmp_path / 'tiny')})
   with pytest.raises(UserError, match=r'train it first \(`python train.py --workdir='):
     train_loop.train(config, str(tmp_path / 'run'))
+
+
+def test_a_mixture_of_text_and_conversations_keeps_every_text_token(corpus):
+  """With a conversation source beside it, a text source's documents are cut into row-long
+  pieces, in order, none lost, and weigh 1 on every in-document target."""
+  tokenizer, seq_len = corpus['tokenizer'], 96
+  texts = corpus['documents'][:20]
+  form = pipeline.Format(['web', 'chats'], ['text', 'messages'], 'llama2')
+  sources_ = [grain.MapDataset.source(texts), grain.MapDataset.source(conversations(20))]
+  iterator = iter(
+      pipeline.batches(sources_, [1.0, 1.0], tokenizer=tokenizer, batch_size=1, rows=range(1),
+                       seq_len=seq_len, seed=0, shuffle=False, prefetch=0, form=form))
+  stream = np.concatenate([tokenizer_lib.encode_document(tokenizer, d) for d in texts])
+  cursor, cut = 0, 0
+  for _ in range(12):
+    batch = next(iterator)
+    segments = segments_of(batch, 0)
+    for k, (ids, weights) in enumerate(segments):
+      if weights[0] == 0:  # a conversation: its prompt comes first
+        continue
+      np.testing.assert_array_equal(ids, stream[cursor:cursor + len(ids)])
+      assert np.all(weights[:-1] == 1)
+      full_row = k == len(segments) - 1 and batch['segment_ids'][0][-1] != 0
+      cursor += len(ids) + full_row  # a row-long piece's last token is only a target
+      cut += full_row
+  assert cursor > 300 and cut > 0
