@@ -21,7 +21,7 @@ from llama_jax import checkpoint as checkpoint_lib
 from llama_jax import config_flag, evaluation, generate
 from llama_jax import experiment as experiment_lib
 from llama_jax import sharding as sharding_lib
-from llama_jax.data import mixture
+from llama_jax.data import chat, mixture
 from llama_jax.data import tokenizer as tokenizer_lib
 from llama_jax.errors import ConfigError, UserError
 
@@ -32,6 +32,9 @@ flags.DEFINE_string('checkpoint_dir', '', 'The checkpoint folder, if not WORKDIR
 flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
 flags.DEFINE_multi_string('prompt', [], 'A prompt to continue (repeatable).')
 flags.DEFINE_string('prompts_file', '', 'A text file with one prompt per line.')
+flags.DEFINE_multi_string(
+    'chat', [], 'A question to answer through the chat template (data.chat_template, else the '
+    "tokenizer's own; repeatable).")
 flags.DEFINE_string('task', '', 'A JSONL multiple-choice task: {"context", "choices", "label"}.')
 flags.DEFINE_integer('max_new_tokens', 64, 'Tokens generated per prompt.')
 flags.DEFINE_float('temperature', 0.0, 'Sampling temperature; 0 is greedy.')
@@ -72,8 +75,8 @@ def run():
   evaluation.check_tasks(harness_tasks, FLAGS.harness_include_path)  # before minutes of restore
   experiment = experiment_lib.build(config, devices)
   params = evaluation.restore_params(directory, step, experiment.model_config,
-                                     experiment.shardings.params, FLAGS.bfloat16)
-  perplexity = not prompts and not FLAGS.task and not harness_tasks
+                                     experiment.params_shardings, FLAGS.bfloat16)
+  perplexity = not prompts and not FLAGS.chat and not FLAGS.task and not harness_tasks
   corpus = mixture.open_corpus(config.data) if perplexity else None  # the only use of the data
   tokenizer = tokenizer_lib.for_data(config.data, config.model.vocab_size,
                                      checkpoints=(FLAGS.workdir,))  # never trains one
@@ -90,6 +93,22 @@ def run():
     } for p, o in zip(prompts, outputs)]
     for row in results['generations']:
       print(f'--- {row["prompt"]}\n{row["completion"]}')
+  if FLAGS.chat:
+    sampling = generate.Sampling(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+    ids = [
+        chat.render(tokenizer, [{
+            'role': 'user',
+            'content': question
+        }], template_name=config.data.chat_template, add_generation_prompt=True)[0]
+        for question in FLAGS.chat
+    ]
+    outputs = generate.generate(model, ids, sampling, tokenizer.stop_ids, FLAGS.seed)
+    results['chat'] = [{
+        'question': q,
+        'answer': tokenizer.decode(o)
+    } for q, o in zip(FLAGS.chat, outputs)]
+    for row in results['chat']:
+      print(f'--- {row["question"]}\n{row["answer"]}')
   if FLAGS.task:
     results['task'] = evaluation.multiple_choice(model, tokenizer, evaluation.read_task(FLAGS.task))
     print(f'{FLAGS.task}: accuracy {results["task"]["accuracy"]:.4f}, length-normalized '

@@ -30,6 +30,7 @@ setuptools.setup(
         'pyarrow>=14',  # .parquet corpora (llama_jax.data.prepare)
         'zstandard>=0.23',  # .jsonl.zst corpora (llama_jax.data.prepare)
         'tensorboardX>=2.6.5',  # TensorBoard event files without TensorFlow
+        'jinja2>=3.1',  # chat templates (llama_jax.data.chat), sandboxed as transformers does
     ],
     extras_require={
         # torch: the CPU build that lies on this project's machines (a plain `torch`
@@ -48,12 +49,12 @@ setuptools.setup(
             'starlette>=0.40',  # the serve extra, for the serving tests
             'uvicorn>=0.30',
             'prometheus-client>=0.20',
+            'peft>=0.17',  # LoRA adapters exported by llama_jax.convert --peft load in PEFT
         ],
         'meta': ['torch>=2.0'],  # reading Meta's consolidated.*.pth checkpoints
-        'eval': ['lm-eval>=0.4.13'],
+        'eval': ['lm-eval>=0.4.13'],  # lm-evaluation-harness tasks (llama_jax.harness)
         # serve.py: the HTTP layer, its ASGI server and the /metrics exposition
-        'serve': ['starlette>=0.40', 'uvicorn>=0.30',
-                  'prometheus-client>=0.20'],  # lm-evaluation-harness tasks (llama_jax.harness)
+        'serve': ['starlette>=0.40', 'uvicorn>=0.30', 'prometheus-client>=0.20'],
         'tpu': ['jax[tpu]>=0.10.2'],
         'gpu': ['jax[cuda13]>=0.10.2'],
         # Compiling for GPUs on any host (llama_jax.aot --topology=h100-8): the CUDA plugin at

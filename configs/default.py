@@ -30,6 +30,10 @@ def get_config():
   model.context_parallel = 'all_gather'  # keys/values across mesh.sequence: all_gather | ring
   model.remat = 'full'  # none | full | save_dots | save_attention (llama_jax/model.py)
   model.scan_layers = True  # scan over stacked layers; False loops (debugging)
+  model.lora = lora = ml_collections.ConfigDict()  # adapters on a frozen base (llama_jax/lora.py)
+  lora.rank = 0  # rank of each adapter; 0 = no adapters, every parameter trains
+  lora.alpha = 16.0  # updates are scaled by alpha / rank
+  lora.targets = ('wq', 'wk', 'wv', 'wo')  # projections adapted: any of wq wk wv wo w1 w2 w3
 
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = 1  # pure data parallelism (replicated parameters)
@@ -89,6 +93,9 @@ def get_config():
   data.data_dir = '~/tensorflow_datasets'  # TFDS data dir: a local path or gs:// bucket
   data.text_dir = ''  # builtin_text input folder of .txt/.jsonl/.py files; '' = Python stdlib
   data.text_feature = 'text'  # the feature holding the document text
+  data.format = 'text'  # of data.name: text | messages | prompt_completion (a JSON record each)
+  data.chat_template = ''  # conversations: '' = the tokenizer's own template, llama2 | llama3
+  data.overlong = 'truncate'  # a conversation longer than seq_len + 1: truncate | drop
   data.train_split = 'train'
   data.eval_split = 'validation'
   data.tokenizer = ''  # .model / tokenizer.json / tiktoken file; '' = CKPT/tokenizer/ or trained

@@ -1,11 +1,13 @@
 """Orbax checkpoints: parameters, optimizer state, data position and config, saved async.
 
 Layout of `<workdir>/checkpoints/<step>/`:
-  params       the float32 parameters (sharded array files; all that evaluation reads)
+  params       the float32 parameters (sharded array files; all that evaluation reads);
+               a LoRA run's adapters only
   train_state  optimizer state, step and skipped-step counters
   data         the position of every row of the global batch, gathered from all
                processes, so a run resumes on any number of hosts
   config       the run's config as JSON, so evaluation knows the model's shape
+  base         (LoRA runs) the base checkpoint the adapters apply to: directory and step
 """
 
 import json
@@ -20,7 +22,7 @@ from jax.experimental import multihost_utils
 from llama_jax.errors import UserError
 
 
-def _absolute(directory: str) -> str:
+def absolute(directory: str) -> str:
   """Orbax wants absolute paths: local ones are made absolute, gs:// ones kept."""
   return directory if '://' in directory else os.path.abspath(os.path.expanduser(directory))
 
@@ -31,7 +33,7 @@ def make_manager(directory: str, checkpoint_config=None) -> ocp.CheckpointManage
   A reading manager works for this process alone, with no barrier that the others must
   reach: a process that cannot read a checkpoint leaves no one waiting.
   """
-  directory = _absolute(directory)
+  directory = absolute(directory)
   me = jax.process_index()
   alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
   options = ocp.CheckpointManagerOptions(create=False, multiprocessing_options=alone)
@@ -44,7 +46,8 @@ def make_manager(directory: str, checkpoint_config=None) -> ocp.CheckpointManage
       'params': ocp.StandardCheckpointHandler(),
       'train_state': ocp.StandardCheckpointHandler(),
       'data': ocp.JsonCheckpointHandler(),
-      'config': ocp.JsonCheckpointHandler()
+      'config': ocp.JsonCheckpointHandler(),
+      'base': ocp.JsonCheckpointHandler()
   }
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
@@ -71,23 +74,26 @@ def _train_state_without_params(state) -> dict:
   }
 
 
-def save(manager, step: int, state, first_row: int, row_states: list, config_dict: dict):
+def save(manager, step: int, state, first_row: int, row_states: list, config_dict: dict,
+         base: dict | None = None):
   """Starts writing checkpoint `step` (in the background when async).
 
-  row_states: this process's data positions, for the rows from `first_row` on.
+  row_states: this process's data positions, for the rows from `first_row` on; base: the
+  base checkpoint of a LoRA run's adapters ({'directory', 'step'}), else None.
   """
-  manager.save(
-      step,
-      args=ocp.args.Composite(params=ocp.args.StandardSave(state.params),
-                              train_state=ocp.args.StandardSave(_train_state_without_params(state)),
-                              data=ocp.args.JsonSave({'rows': _gather_rows(first_row, row_states)}),
-                              config=ocp.args.JsonSave(config_dict)))
+  items = dict(params=ocp.args.StandardSave(state.params),
+               train_state=ocp.args.StandardSave(_train_state_without_params(state)),
+               data=ocp.args.JsonSave({'rows': _gather_rows(first_row, row_states)}),
+               config=ocp.args.JsonSave(config_dict))
+  if base is not None:
+    items['base'] = ocp.args.JsonSave(base)
+  manager.save(step, args=ocp.args.Composite(**items))
 
 
 def save_params(directory: str, step: int, params, config_dict: dict) -> None:
   """A parameters-only checkpoint (converted weights) that eval.py and fine-tuning load."""
   options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-  with ocp.CheckpointManager(_absolute(directory), options=options) as manager:
+  with ocp.CheckpointManager(absolute(directory), options=options) as manager:
     manager.save(
         step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                       config=ocp.args.JsonSave(config_dict)))
@@ -147,6 +153,12 @@ def saved_param_names(directory: str, step: int) -> set[str]:
   """The top-level names in checkpoint `step`'s parameters (e.g. 'output' unless tied)."""
   with make_manager(directory) as manager:
     return set(manager.item_metadata(step)['params'].keys())
+
+
+def saved_base(directory: str, step: int) -> dict:
+  """The base checkpoint ({'directory', 'step'}) that a LoRA checkpoint's adapters apply to."""
+  with make_manager(directory) as manager:
+    return manager.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore())).base
 
 
 def restore_params(directory: str, step: int, abstract_params, shardings):

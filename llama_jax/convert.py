@@ -3,6 +3,8 @@
   python -m llama_jax.convert --source=hf --input=HF_DIR --output=OUT_DIR
   python -m llama_jax.convert --source=meta --input=META_DIR --output=OUT_DIR
   python -m llama_jax.convert --source=orbax --input=WORKDIR [--step=N] --output=HF_DIR
+  python -m llama_jax.convert --source=orbax --input=LORA_WORKDIR --merge_lora [--to=orbax] ...
+  python -m llama_jax.convert --source=orbax --input=LORA_WORKDIR --peft --output=ADAPTER_DIR
 
 The Orbax output is a parameters-only checkpoint in OUT_DIR/checkpoints/0 that eval.py
 reads (`--workdir=OUT_DIR`) and train.py fine-tunes (`--config.checkpoint.init_params`),
@@ -11,7 +13,9 @@ special_tokens_map.json, chat_template.jinja, tokenizer.model) in OUT_DIR/tokeni
 export to Hugging Face copies WORKDIR/tokenizer/ back beside config.json. Rope scaling
 (Llama 3.1) and tied embeddings (Llama 3.2 1B/3B) travel both ways.
 Tensors are read one at a time into the stacked float32 arrays: the model is in host
-memory once. The input folder is only read.
+memory once. The input folder is only read. A LoRA run's adapters are read with the base
+they apply to: --merge_lora folds them into the weights (a plain model, Hugging Face or
+Orbax), --peft writes them alone in Hugging Face PEFT's format for the base's HF export.
 """
 
 import dataclasses
@@ -27,6 +31,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from llama_jax import checkpoint as checkpoint_lib
+from llama_jax import evaluation, lora
 from llama_jax import model as model_lib
 from llama_jax import rope
 from llama_jax.data import tokenizer as tokenizer_lib
@@ -322,14 +327,13 @@ def read_orbax(workdir: str, step: int | None = None):
   directory = os.path.join(workdir, 'checkpoints')
   step = checkpoint_lib.find_step(directory, step)
   config = model_lib.ModelConfig.from_config(checkpoint_lib.saved_config(directory, step)['model'])
-  if not config.tie_embeddings and 'output' not in checkpoint_lib.saved_param_names(
-      directory, step):
+  lacks_output = 'output' not in checkpoint_lib.saved_param_names(directory, step)
+  if lacks_output and not (config.tie_embeddings or config.lora.rank):  # LoRA: adapters only
     raise UserError(f'{directory}/{step} has no output matrix (its embeddings are tied) but its '
                     'config says tie_embeddings=False; restore it with model.tie_embeddings=True.')
   abstract = nnx.state(model_lib.abstract_model(config), nnx.Param)
   cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
-  params = checkpoint_lib.restore_params(directory, step, abstract,
-                                         jax.tree.map(lambda _: cpu, abstract))
+  params = evaluation.restore_params(directory, step, config, jax.tree.map(lambda _: cpu, abstract))
   return config, params
 
 
@@ -366,10 +370,79 @@ def write_hf(config: model_lib.ModelConfig, params, output: str, tokenizer_from:
     copy_tokenizer(tokenizer_from, output)
 
 
+def write_peft(config: model_lib.ModelConfig, params, output: str) -> None:
+  """A LoRA run's adapters as Hugging Face PEFT reads them: adapter_config.json and
+  adapter_model.safetensors (lora_A [rank, in], lora_B [out, rank] per projection)."""
+  from safetensors.numpy import save_file
+  if os.path.exists(output) and os.listdir(output):
+    raise UserError(f'{output} is not empty; choose an empty --output.')
+  os.makedirs(output, exist_ok=True)
+  arrays, tensors = params.to_pure_dict(), {}
+  for path, layer, name in hf_names(config):
+    if path[0] != 'layers' or path[-1] not in config.lora.targets:
+      continue
+    node = arrays['layers'][path[1]]
+    a = np.asarray(node[f'{path[-1]}_lora_a'][layer], np.float32)  # [*in, rank]
+    b = np.asarray(node[f'{path[-1]}_lora_b'][layer], np.float32)  # [rank, *out]
+    tensors[f'base_model.model.{name}.lora_A.weight'] = np.ascontiguousarray(
+        a.reshape(-1, a.shape[-1]).T)
+    tensors[f'base_model.model.{name}.lora_B.weight'] = np.ascontiguousarray(
+        b.reshape(b.shape[0], -1).T)
+  save_file(tensors, os.path.join(output, 'adapter_model.safetensors'), metadata={'format': 'pt'})
+  modules = sorted(
+      {LAYER_NAMES[path].split('.')[-1] for path in LAYER_NAMES if path[-1] in config.lora.targets})
+  adapter_config = {
+      'peft_type': 'LORA',
+      'task_type': 'CAUSAL_LM',
+      'base_model_name_or_path': None,
+      'r': config.lora.rank,
+      'lora_alpha': config.lora.alpha,
+      'target_modules': modules,
+      'lora_dropout': 0.0,
+      'bias': 'none',
+      'fan_in_fan_out': False,
+      'use_rslora': False,
+      'use_dora': False,
+      'inference_mode': True,
+  }
+  with open(os.path.join(output, 'adapter_config.json'), 'w') as f:
+    json.dump(adapter_config, f, indent=2)
+
+
+def merge_lora(config: model_lib.ModelConfig, params):
+  """(config, parameters) of the plain model whose weights hold the adapters' updates."""
+  return dataclasses.replace(config, lora=lora.LoRAConfig()), lora.merge(params, config.lora)
+
+
 flags.DEFINE_enum('source', None, ['hf', 'meta', 'orbax'], 'What --input holds.')
 flags.DEFINE_string('input', None, 'The folder to convert (only read).')
 flags.DEFINE_string('output', None, 'An empty or new folder to write.')
 flags.DEFINE_integer('step', None, 'With --source=orbax: the step (default: the newest).')
+flags.DEFINE_bool('merge_lora', False, 'With --source=orbax: fold a LoRA run\'s adapters into '
+                  'the weights.')
+flags.DEFINE_bool('peft', False,
+                  'With --source=orbax: write a LoRA run\'s adapters in PEFT format.')
+flags.DEFINE_enum('to', 'hf', ['hf', 'orbax'], 'With --source=orbax: the format written.')
+
+
+def convert_orbax(input_dir: str, step: int | None, output: str, *, merge: bool, peft: bool,
+                  to: str) -> None:
+  """--source=orbax: a workdir to Hugging Face (or, merged, Orbax) weights or PEFT adapters."""
+  config, params = read_orbax(input_dir, step)
+  if (merge or peft) and not config.lora.rank:
+    raise UserError(f'{input_dir} was trained without LoRA adapters (its model.lora.rank is 0), '
+                    'so there is nothing to merge or export; drop --merge_lora / --peft.')
+  if merge and peft:
+    raise UserError('--merge_lora and --peft write different things; give one of them.')
+  if peft:
+    return write_peft(config, params, output)
+  if config.lora.rank and not merge:
+    raise UserError(f'{input_dir} holds LoRA adapters; add --merge_lora to write the merged '
+                    'model, or --peft to write the adapters.')
+  if merge:
+    config, params = merge_lora(config, params)
+  (write_orbax if to == 'orbax' else write_hf)(config, params, output,
+                                               tokenizer_from=os.path.join(input_dir, 'tokenizer'))
 
 
 def main(argv):
@@ -378,8 +451,8 @@ def main(argv):
   FLAGS = flags.FLAGS
   try:
     if FLAGS.source == 'orbax':
-      write_hf(*read_orbax(FLAGS.input, FLAGS.step), FLAGS.output,
-               tokenizer_from=os.path.join(FLAGS.input, 'tokenizer'))
+      convert_orbax(FLAGS.input, FLAGS.step, FLAGS.output, merge=FLAGS.merge_lora, peft=FLAGS.peft,
+                    to=FLAGS.to)
     else:
       read = read_hf if FLAGS.source == 'hf' else read_meta
       write_orbax(*read(FLAGS.input), FLAGS.output, tokenizer_from=FLAGS.input)

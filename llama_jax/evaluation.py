@@ -11,10 +11,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from llama_jax import checkpoint as checkpoint_lib
 from llama_jax import config_flag
+from llama_jax import lora
 from llama_jax import model as model_lib
 from llama_jax import scoring, steps
 from llama_jax.data import pipeline
@@ -38,10 +40,26 @@ def load_config(directory: str, step: int | None, overrides: dict, defaults):
 
 
 def restore_params(directory: str, step: int, model_config, shardings, bfloat16: bool = False):
-  """The checkpoint's parameters, placed by `shardings` (the params of a state's)."""
+  """Every parameter of checkpoint `step`, placed by `shardings` (an Experiment's
+  params_shardings). A LoRA run's checkpoint holds adapters: they come with the base they
+  apply to, read in the compute dtype as in training."""
   abstract = nnx.state(model_lib.abstract_model(model_config), nnx.Param)
   if bfloat16:  # Orbax casts while reading: half the memory, never float32 in between
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), abstract)
+  if not model_config.lora.rank:
+    return _read_params(directory, step, abstract, shardings)
+  adapters, base = nnx.split_state(abstract, lora.Adapter, ...)
+  adapter_shardings, base_shardings = nnx.split_state(shardings, lora.Adapter, ...)
+  base = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, model_config.compute_dtype), base)
+  source = checkpoint_lib.saved_base(directory, step)
+  if not epath.Path(source['directory'], str(source['step'])).is_dir():
+    raise UserError(f'the adapters in {directory}/{step} apply to the base checkpoint '
+                    f'{source["directory"]}/{source["step"]}, which is gone; put it back there.')
+  return nnx.merge_state(_read_params(directory, step, adapters, adapter_shardings),
+                         _read_params(source['directory'], source['step'], base, base_shardings))
+
+
+def _read_params(directory: str, step: int, abstract, shardings):
   try:
     return checkpoint_lib.restore_params(directory, step, abstract, shardings)
   except Exception as error:  # Orbax and TensorStore raise many kinds for a damaged file
@@ -77,8 +95,11 @@ def perplexity_by_source(config, eval_step, params, corpus, tokenizer, rows: ran
                          token_bytes) -> dict:
   """{'': perplexity of the mixture of the sources' eval splits, NAME: of each source}
   (the per-source entries only when there are several), `train.eval_batches` each."""
-  def of(documents, weights):
-    host = iter(pipeline.host_batches(config, documents, weights, tokenizer, rows, shuffle=False))
+  def of(sources, documents):
+    weights = [source.weight for source in sources]
+    host = iter(
+        pipeline.host_batches(config, documents, weights, tokenizer, rows, shuffle=False,
+                              sources=sources))
     batches = pipeline.global_batches(host, batch_sharding, config.train.batch_size, rows)
     return perplexity(eval_step, params, batches, config.train.eval_batches, token_bytes)
 
@@ -88,10 +109,10 @@ def perplexity_by_source(config, eval_step, params, corpus, tokenizer, rows: ran
   if not held_out:
     raise UserError('no source has held-out documents to evaluate on; set train.eval_every=0 '
                     'or give data.eval_split a split with documents.')
-  results = {'': of([d for _, d in held_out], [s.weight for s, _ in held_out])}
+  results = {'': of([s for s, _ in held_out], [d for _, d in held_out])}
   if len(corpus.sources) > 1:
     for source, documents in held_out:
-      results[source.name] = of([documents], [1.0])
+      results[source.name] = of([source], [documents])
   return results
 
 

@@ -85,9 +85,10 @@ class Experiment:
   optimizer: optax.GradientTransformation
   abstract_state: steps.TrainState  # shapes only
   shardings: steps.TrainState  # the NamedSharding of every state leaf
+  params_shardings: object  # of all the model's parameters (trained and frozen): eval_step's
   batch_sharding: jax.sharding.NamedSharding
   train_step: Callable  # jitted; (state, batch) -> (state, metrics)
-  eval_step: Callable  # jitted; (params, batch, token_bytes) -> (nll, weight, bytes) sums
+  eval_step: Callable  # jitted; (all params, batch, token_bytes) -> (nll, weight, bytes) sums
   n_params: int
 
 
@@ -106,7 +107,8 @@ def build(config, devices) -> Experiment:
       mesh, rules, shardings, graphdef=graphdef, optimizer=optimizer,
       learning_rate=optim.learning_rate_schedule(config.optim, config.train.steps),
       microbatches=config.train.microbatches, z_loss=config.train.z_loss, **loss_options)
-  eval_step = steps.jit_eval_step(mesh, rules, shardings.params, graphdef=graphdef, **loss_options)
-  return Experiment(model_config, mesh, rules, optimizer, abstract, shardings,
+  params_shardings = steps.all_params(shardings)
+  eval_step = steps.jit_eval_step(mesh, rules, params_shardings, graphdef=graphdef, **loss_options)
+  return Experiment(model_config, mesh, rules, optimizer, abstract, shardings, params_shardings,
                     sharding_lib.batch_sharding(mesh, rules), train_step, eval_step,
                     model_lib.count_params(model_lib.abstract_model(model_config)))

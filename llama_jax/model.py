@@ -8,6 +8,7 @@ A pre-norm decoder: token embedding, then `n_layers` identical blocks
 then a final RMSNorm and the output projection to the vocabulary: its own matrix, or the
 embedding table itself (`tie_embeddings`, Llama 3.2 1B/3B). No biases. Rotary
 frequencies may be scaled for long contexts (`rope_scaling`, Llama 3.1; see rope.py).
+With `lora.rank` > 0 each targeted projection adds a low-rank update (lora.py).
 
 Parameters are float32 and name their logical axes (`embed`, `heads`, `kv_heads`,
 `head_dim`, `mlp`, `vocab`, `layers`); `sharding.py` maps those names onto a device mesh.
@@ -26,6 +27,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax import attention as attention_lib
+from llama_jax import lora as lora_lib
 from llama_jax import rope
 from llama_jax.errors import ConfigError
 from llama_jax.sharding import compute_platform, constrain
@@ -61,11 +63,12 @@ class ModelConfig:
   rope_scaling: rope.LinearScaling | rope.Llama3Scaling | None = None  # see rope.py
   tie_embeddings: bool = False  # the output projection is the embedding table
   max_seq_len: int = 2048
-  dtype: str = 'bfloat16'  # compute dtype; parameters are always float32
+  dtype: str = 'bfloat16'  # compute dtype, and a LoRA run's frozen base; parameters float32
   attention: str = 'auto'  # see attention.py
   context_parallel: str = 'all_gather'  # how keys/values cross a `sequence` axis: or ring
   remat: str = 'full'  # a key of REMAT_POLICIES
   scan_layers: bool = True  # False: a Python loop over layers, for debugging
+  lora: lora_lib.LoRAConfig = lora_lib.LoRAConfig()  # low-rank adapters on frozen projections
 
   def __post_init__(self):
     # A dict (from a config file or a saved checkpoint) becomes its frozen dataclass.
@@ -99,6 +102,7 @@ class ModelConfig:
   def from_config(cls, model_config) -> 'ModelConfig':
     """Builds the dataclass from the `model` group of an ml_collections config."""
     values = dict(model_config)
+    values['lora'] = lora_lib.LoRAConfig(**dict(values.get('lora', {})))
     unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
       raise ConfigError(f'unknown model config keys: {", ".join(sorted(unknown))}.')
@@ -205,16 +209,18 @@ class Attention(nnx.Module):
     self.wk = _param(rngs, (dim, kv_heads, head_dim), ('embed', 'kv_heads', 'head_dim'))
     self.wv = _param(rngs, (dim, kv_heads, head_dim), ('embed', 'kv_heads', 'head_dim'))
     self.wo = _param(rngs, (heads, head_dim, dim), ('heads', 'head_dim', 'embed'))
+    lora_lib.add_adapters(self, ('wq', 'wk', 'wv', 'wo'), config.lora, {'wo': 2}, rngs)
 
   def __call__(self, x, positions, segment_ids, cache: LayerCache | None = None):
     """x: [batch, length, embed] -> [batch, length, embed] (and the updated cache)."""
     config, dtype = self.config, self.config.compute_dtype
-    q = project(x, self.wq[...].astype(dtype))  # [batch, length, heads, head_dim]
-    k = project(x, self.wk[...].astype(dtype))  # [batch, length, kv_heads, head_dim]
-    v = project(x, self.wv[...].astype(dtype))
-    q = apply_rotary(q, positions, config.rope_theta, config.rope_scaling)
-    k = apply_rotary(k, positions, config.rope_theta, config.rope_scaling)
-    q, k = checkpoint_name(q, 'query'), checkpoint_name(k, 'key')
+    scale = config.lora.scale
+    q = project(x, self.wq[...].astype(dtype)) + lora_lib.delta(self, 'wq', x, scale)
+    k = project(x, self.wk[...].astype(dtype)) + lora_lib.delta(self, 'wk', x, scale)
+    v = project(x, self.wv[...].astype(dtype)) + lora_lib.delta(self, 'wv', x, scale)
+    # q: [batch, length, heads, head_dim]; k, v: [batch, length, kv_heads, head_dim]
+    q = checkpoint_name(apply_rotary(q, positions, config.rope_theta, config.rope_scaling), 'query')
+    k = checkpoint_name(apply_rotary(k, positions, config.rope_theta, config.rope_scaling), 'key')
     v = checkpoint_name(v, 'value')
     # Split along the sequence; attention brings each chip the keys and values it needs.
     q = constrain(q, ('batch', 'length', 'act_heads', None))
@@ -230,22 +236,27 @@ class Attention(nnx.Module):
       out = attention_lib.reference_attention(q, k, v, segment_ids, cache.segment_ids, cache.index)
       cache = cache._replace(k=k, v=v)
     out = checkpoint_name(constrain(out, ('batch', 'length', 'act_heads', None)), 'attention_out')
-    return project(out, self.wo[...].astype(dtype), contract=2), cache  # [batch, length, embed]
+    out = project(out, self.wo[...].astype(dtype), contract=2) + lora_lib.delta(
+        self, 'wo', out, scale)
+    return out, cache  # [batch, length, embed]
 
 
 class FeedForward(nnx.Module):
   """SwiGLU: w2(silu(w1 x) * w3 x)."""
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.dtype = config.compute_dtype
+    self.scale = config.lora.scale
     self.w1 = _param(rngs, (config.dim, config.hidden_dim), ('embed', 'mlp'))
     self.w3 = _param(rngs, (config.dim, config.hidden_dim), ('embed', 'mlp'))
     self.w2 = _param(rngs, (config.hidden_dim, config.dim), ('mlp', 'embed'))
+    lora_lib.add_adapters(self, ('w1', 'w2', 'w3'), config.lora, {}, rngs)
 
   def __call__(self, x):  # x: [batch, length, embed]
-    gate = project(x, self.w1[...].astype(self.dtype))  # [batch, length, mlp]
-    up = project(x, self.w3[...].astype(self.dtype))
-    hidden = constrain(jax.nn.silu(gate) * up, ('batch', 'length', 'act_mlp'))
-    return project(hidden, self.w2[...].astype(self.dtype))  # [batch, length, embed]
+    gate = project(x, self.w1[...].astype(self.dtype)) + lora_lib.delta(self, 'w1', x, self.scale)
+    up = project(x, self.w3[...].astype(self.dtype)) + lora_lib.delta(self, 'w3', x, self.scale)
+    hidden = constrain(jax.nn.silu(gate) * up, ('batch', 'length', 'act_mlp'))  # [.., mlp]
+    return project(hidden, self.w2[...].astype(self.dtype)) + lora_lib.delta(
+        self, 'w2', hidden, self.scale)  # [batch, length, embed]
 
 
 class Block(nnx.Module):

@@ -4,7 +4,8 @@ The train step is a pure function of (state, batch): forward in the compute dtyp
 next-token cross-entropy in float32 (weighted, so padding and document boundaries can
 be ignored), optional z-loss, gradients accumulated over microbatches with a scan,
 then the optax update. A step whose loss or gradient norm is not finite changes nothing
-and is counted instead.
+and is counted instead. With LoRA (model.lora.rank > 0) only the adapters are trained
+parameters; the base is frozen in the compute dtype, with no gradient and no optimizer state.
 """
 
 import functools
@@ -17,6 +18,7 @@ from flax import nnx
 
 from llama_jax import context_parallel
 from llama_jax import cross_entropy
+from llama_jax import lora
 from llama_jax import model as model_lib
 from llama_jax import sharding as sharding_lib
 
@@ -24,17 +26,33 @@ from llama_jax import sharding as sharding_lib
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # [] int32: optimizer steps taken
-  params: nnx.State  # float32 parameters, with logical axis names
+  params: nnx.State  # trained float32 parameters (a LoRA run's adapters), logical axis names
   opt_state: optax.OptState  # mirrors params
   bad_steps: jax.Array  # [] int32: consecutive skipped (non-finite) steps
   skipped_steps: jax.Array  # [] int32: all skipped steps
+  frozen: nnx.State  # a LoRA run's base parameters in the compute dtype; empty otherwise
+
+
+def split_trainable(params: nnx.State, model_config) -> tuple[nnx.State, nnx.State]:
+  """(trained, frozen): every parameter and nothing, or (LoRA) the adapters and the base,
+  the base cast to the compute dtype."""
+  if not model_config.lora.rank:
+    return params, nnx.State({})
+  adapters, base = nnx.split_state(params, lora.Adapter, ...)
+  return adapters, jax.tree.map(lambda p: p.astype(model_config.compute_dtype), base)
+
+
+def all_params(state: TrainState) -> nnx.State:
+  """The model's every parameter: the trained ones and the frozen ones together."""
+  return nnx.merge_state(state.params, state.frozen)
 
 
 def init_state(seed, *, model_config, optimizer) -> TrainState:
   params = nnx.state(model_lib.Transformer(model_config, rngs=nnx.Rngs(jax.random.key(seed))),
                      nnx.Param)
+  params, frozen = split_trainable(params, model_config)
   zero = jnp.zeros((), jnp.int32)
-  return TrainState(zero, params, optimizer.init(params), zero, zero)
+  return TrainState(zero, params, optimizer.init(params), zero, zero, frozen)
 
 
 def abstract_state(model_config, optimizer) -> TrainState:
@@ -84,8 +102,9 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: i
   # averaged, with no pass over them to divide.
   total_weight = jnp.maximum(jnp.sum(batch['weights']), 1.0)
 
-  def mean_loss(params, micro):
-    loss, _, nll = token_losses(params, graphdef, micro, z_loss, segment_mask, loss_chunks)
+  def mean_loss(params, micro):  # differentiated by the trained parameters only
+    loss, _, nll = token_losses(nnx.merge_state(params, state.frozen), graphdef, micro, z_loss,
+                                segment_mask, loss_chunks)
     return loss / total_weight, nll / total_weight
 
   if microbatches == 1:
@@ -113,9 +132,9 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: i
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = jax.tree.map(keep_if_bad, optax.apply_updates(state.params, updates), state.params)
   opt_state = jax.tree.map(keep_if_bad, opt_state, state.opt_state)
-  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                         bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
-                         skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+                            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
   metrics = {
       'loss': loss,
       'grad_norm': grad_norm,

@@ -128,10 +128,10 @@ def _write_failed(what: str, checkpoint_dir: str, error: Exception) -> UserError
                    'fix the workdir, then run again.')
 
 
-def _save(manager, checkpoint_dir, step, state, rows, train_iterator, config_dict) -> None:
+def _save(manager, checkpoint_dir, step, state, rows, train_iterator, config_dict, base) -> None:
   try:
     checkpoint_lib.save(manager, step, state, rows.start, pipeline.row_states(train_iterator),
-                        config_dict)
+                        config_dict, base)
   except Exception as error:
     raise _write_failed(f'write checkpoint {step}', checkpoint_dir, error) from None
 
@@ -166,26 +166,75 @@ def _open_data(config, experiment: experiment_lib.Experiment, workdir: str) -> D
   progress = pipeline.Progress([len(documents) for documents in corpus.train])
   train_iterator = iter(
       pipeline.host_batches(config, corpus.train, corpus.weights, tokenizer, rows,
-                            config.data.shuffle, progress))
+                            config.data.shuffle, progress, corpus.sources))
   return Data(rows, corpus, train_iterator, progress, tokenizer,
               jnp.asarray(tokenizer.token_bytes()))
 
 
-def _restore_or_initialize(config, experiment, manager, checkpoint_dir, workdir, data: Data):
+def _check_init_params(init_params: str) -> None:
+  if init_params and not epath.Path(init_params, 'checkpoints').is_dir():
+    raise UserError(f'checkpoint.init_params {init_params} holds no checkpoints/ to start from; '
+                    f'train it first (`python train.py --workdir={init_params}`) or write it '
+                    'with `python -m llama_jax.convert`.')
+
+
+def _lora_base(config, model_config) -> dict | None:
+  """The base checkpoint a LoRA run adapts ({'directory', 'step'}); None without LoRA."""
+  if not model_config.lora.rank:
+    return None
+  if not config.checkpoint.init_params:
+    raise UserError('model.lora.rank > 0 trains adapters on a frozen base model; set '
+                    'checkpoint.init_params to its workdir (a train.py run or a '
+                    'llama_jax.convert output), or model.lora.rank=0 to train every parameter.')
+  source = checkpoint_lib.absolute(os.path.join(config.checkpoint.init_params, 'checkpoints'))
+  return {'directory': source, 'step': checkpoint_lib.find_step(source)}
+
+
+def _check_same_base(checkpoint_dir: str, step: int, base: dict, workdir: str) -> None:
+  try:
+    saved = checkpoint_lib.saved_base(checkpoint_dir, step)
+  except Exception:
+    raise UserError(f'{workdir} holds a checkpoint without LoRA adapters; use another --workdir '
+                    'for a LoRA run, or model.lora.rank=0 to resume it.') from None
+  if saved != base:
+    raise UserError(f'the adapters in {workdir} apply to the base {saved["directory"]} step '
+                    f'{saved["step"]}, not to {base["directory"]} step {base["step"]}; set '
+                    'checkpoint.init_params back to their base, or use another --workdir.')
+
+
+def _restore_base(base: dict, experiment) -> object:
+  """The frozen base parameters of a LoRA run, read in the compute dtype."""
+  _check_checkpoint_matches(base['directory'], base['step'], experiment.model_config,
+                            base['directory'])
+  frozen = checkpoint_lib.restore_params(base['directory'], base['step'],
+                                         experiment.abstract_state.frozen,
+                                         experiment.shardings.frozen)
+  processes.say(f'Adapting the frozen base {base["directory"]}/{base["step"]}')
+  return frozen
+
+
+def _restore_or_initialize(config, experiment, manager, checkpoint_dir, workdir, data: Data,
+                           base: dict | None):
   """(state, first step): the newest readable checkpoint, else a fresh sharded state
-  (with another run's parameters when fine-tuning)."""
+  (with another run's parameters when fine-tuning; with LoRA, they are the frozen base)."""
   model_config, abstract, shardings = (experiment.model_config, experiment.abstract_state,
                                        experiment.shardings)
   if manager.latest_step() is not None:
     _check_checkpoint_matches(checkpoint_dir, manager.latest_step(), model_config, workdir)
+    if base is not None:
+      _check_same_base(checkpoint_dir, manager.latest_step(), base, workdir)
     start, state, row_states = _restore_newest_readable(manager, checkpoint_dir, abstract,
                                                         shardings)
+    if base is not None:
+      state = state.replace(frozen=_restore_base(base, experiment))
     pipeline.set_row_states(data.train_iterator, row_states[data.rows.start:data.rows.stop])
     processes.say(f'Resumed from step {start} of {workdir}')
     return state, start
   state = steps.create_sharded_state(config.train.seed, model_config, experiment.optimizer,
                                      shardings)
-  if config.checkpoint.init_params:  # fine-tuning: someone else's parameters, a new optimizer
+  if base is not None:
+    state = state.replace(frozen=_restore_base(base, experiment))
+  elif config.checkpoint.init_params:  # fine-tuning: someone else's parameters, a new optimizer
     source = os.path.join(config.checkpoint.init_params, 'checkpoints')
     source_step = checkpoint_lib.find_step(source)
     _check_checkpoint_matches(source, source_step, model_config, config.checkpoint.init_params)
@@ -250,12 +299,14 @@ def train(config, workdir: str) -> dict:
     experiment = experiment_lib.build(config, devices)
     evaluation.check_tasks(config.train.eval_tasks, config.train.eval_task_dir)
     _check_workdir(workdir)
+    _check_init_params(config.checkpoint.init_params)
+    base = _lora_base(config, experiment.model_config)
     data = _open_data(config, experiment, workdir)
     checkpoint_dir = checkpoint_lib.directory_of(workdir, config.checkpoint.directory)
     _report_partial_checkpoints(checkpoint_dir)
     manager = checkpoint_lib.make_manager(checkpoint_dir, config.checkpoint)
     state, start = _restore_or_initialize(config, experiment, manager, checkpoint_dir, workdir,
-                                          data)
+                                          data, base)
     goodput.redone_steps = max(_furthest_logged_step(workdir) - start, 0)
   processes.say(str(config))
   processes.say(f'mesh: {dict(experiment.mesh.shape)} over {len(devices)} '
@@ -265,7 +316,7 @@ def train(config, workdir: str) -> dict:
   writer = metrics_lib.MetricsWriter(workdir)
   try:
     last = _loop(config, experiment, state, start, data, manager, checkpoint_dir, workdir, writer,
-                 goodput)
+                 goodput, base)
   except BaseException:
     _close_after_failure(manager, writer)
     raise
@@ -286,7 +337,7 @@ def _close_after_failure(manager, writer) -> None:
 
 
 def _loop(config, experiment, state, start, data: Data, manager, checkpoint_dir, workdir, writer,
-          goodput) -> dict:
+          goodput, base) -> dict:
   """Steps from `start` to `train.steps`, logging, validating and saving on the way."""
   train_config, devices = config.train, jax.devices()
   batch_size, seq_len = train_config.batch_size, train_config.seq_len
@@ -334,6 +385,11 @@ def _loop(config, experiment, state, start, data: Data, manager, checkpoint_dir,
               f'data/epochs/{source.name}': epochs
               for source, epochs in zip(data.corpus.sources, data.progress.epochs())
           }
+          epochs.update({  # conversations longer than a row, truncated or dropped so far
+              f'data/overlong/{source.name}': count
+              for source, count in zip(data.corpus.sources, data.progress.overlong)
+              if source.format != 'text'
+          })
           writer.write(done, {**last, **epochs, **goodput.row()})
           bar.set_postfix(_progress(last))
           if int(metrics['bad_steps']) >= train_config.max_bad_steps:
@@ -345,7 +401,7 @@ def _loop(config, experiment, state, start, data: Data, manager, checkpoint_dir,
                                         done == train_config.steps):
           # Not training throughput, and no hang however long the tasks take.
           with timer.paused(), goodput.timing('evaluation'), watchdog.paused():
-            validation = _validation(config, experiment, state.params, data)
+            validation = _validation(config, experiment, steps.all_params(state), data)
           last.update(validation)
           writer.write(done, validation)
           bar.write(f'step {done}: ' + ', '.join(f'{k} {v:.4f}' for k, v in validation.items()))
@@ -353,7 +409,8 @@ def _loop(config, experiment, state, start, data: Data, manager, checkpoint_dir,
         stopping = stop_request.should_stop(logging_step)
         if done % config.checkpoint.every_steps == 0 or done == train_config.steps or stopping:
           with timer.paused(), goodput.timing('checkpoint'):
-            _save(manager, checkpoint_dir, done, state, data.rows, data.train_iterator, config_dict)
+            _save(manager, checkpoint_dir, done, state, data.rows, data.train_iterator, config_dict,
+                  base)
         bar.update(1)
         if stopping:
           with goodput.timing('checkpoint'):

@@ -4,7 +4,9 @@
 
     data.mixture = {'c4': {'dataset': 'prepared:c4', 'weight': 15.0}, ...}
 
-Empty, the run reads `data.name` alone, as a source named after it. Weights are relative
+and optionally its `format` (text | messages | prompt_completion, default text: see
+pipeline.py). Empty, the run reads `data.name` alone (of `data.format`), as a source named
+after it. Weights are relative
 (they need not add up to 1 or 100). Source names appear in the logs as `eval_loss/NAME`.
 """
 
@@ -23,22 +25,23 @@ class Source:
   name: str  # as the logs call it
   dataset: str  # builtin_text, a TFDS name, or prepared:FOLDER
   weight: float  # relative sampling weight
+  format: str = 'text'  # text | messages | prompt_completion (pipeline.FORMATS)
 
 
 def sources_of(data_config) -> list[Source]:
   """The configured sources, in order, each checked."""
   if not data_config.mixture:
-    return [Source(data_config.name, data_config.name, 1.0)]
+    return [Source(data_config.name, data_config.name, 1.0, data_config.format)]
   found = []
   for name, source in data_config.mixture.items():
-    if set(source.keys()) != {'dataset', 'weight'}:
-      raise ConfigError(f'data.mixture.{name} must give exactly a dataset and a weight, not '
-                        f'{", ".join(sorted(source.keys()))}.')
+    if not {'dataset', 'weight'} <= set(source.keys()) <= {'dataset', 'weight', 'format'}:
+      raise ConfigError(f'data.mixture.{name} must give a dataset, a weight and optionally a '
+                        f'format, not {", ".join(sorted(source.keys()))}.')
     weight = source['weight']
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
       raise ConfigError(f'data.mixture.{name}.weight is {weight!r}; give a positive number '
                         '(weights are relative).')
-    found.append(Source(name, str(source['dataset']), float(weight)))
+    found.append(Source(name, str(source['dataset']), float(weight), source.get('format', 'text')))
   return found
 
 

@@ -1,7 +1,8 @@
 """Prepares a corpus for random-access reading: text shards -> ArrayRecord files.
 
   python -m llama_jax.data.prepare --input=DIR_OR_BUCKET --output=DIR [--text_field=text]
-      [--workers=2] [--process_index=I --process_count=N]
+      [--format=text|messages|prompt_completion] [--workers=2]
+      [--process_index=I --process_count=N]
 
 Reads `.txt` (a file is a document), `.jsonl`, `.jsonl.gz`, `.jsonl.zst` and `.parquet`
 (one document per line or row, its `--text_field`) from a local folder or a gs:// bucket,
@@ -9,6 +10,9 @@ without TensorFlow. Every input file becomes one ArrayRecord file per split,
 OUTPUT/train/NAME.array_record and OUTPUT/validation/NAME.array_record (a record is one
 document's UTF-8 text); one document in VALIDATION_EVERY, chosen by a stable hash of its
 text, goes to validation. A training config reads OUTPUT as the source `prepared:OUTPUT`.
+With --format=messages or prompt_completion a document is a conversation: the record's
+`messages` (or `prompt` and `completion`) fields, stored as a JSON string (data.format of
+the source says so to the pipeline).
 
 Scale: processes on one host (--workers) and hosts (the same command with --process_index
 and --process_count on each) take disjoint shares of the input files. Crash safety: a
@@ -33,6 +37,8 @@ from etils import epath
 from llama_jax.errors import UserError
 
 EXTENSIONS = ('.txt', '.jsonl', '.jsonl.gz', '.jsonl.zst', '.parquet')
+# The fields a conversation record keeps, by --format.
+CONVERSATION_FIELDS = {'messages': ('messages',), 'prompt_completion': ('prompt', 'completion')}
 SPLITS = ('train', 'validation')
 VALIDATION_EVERY = 50  # about 2% of the documents are held out
 
@@ -58,7 +64,23 @@ def input_files(root: str) -> list[epath.Path]:
   return files
 
 
-def _json_lines(lines, text_field: str, where: str):
+def _fields(form: str, text_field: str) -> tuple[str, ...]:
+  if form == 'text':
+    return (text_field,)
+  if form not in CONVERSATION_FIELDS:
+    raise UserError(f'--format is {form!r}; use text, {", ".join(CONVERSATION_FIELDS)}.')
+  return CONVERSATION_FIELDS[form]
+
+
+def _document(record: dict, form: str, fields: tuple[str, ...]) -> str:
+  """The text field's text, or the conversation's fields as a JSON string."""
+  if form == 'text':
+    return record[fields[0]]
+  return json.dumps({field: record[field] for field in fields}, ensure_ascii=False)
+
+
+def _json_lines(lines, text_field: str, where: str, form: str = 'text'):
+  fields = _fields(form, text_field)
   for number, line in enumerate(lines, 1):
     if not line.strip():
       continue
@@ -66,27 +88,38 @@ def _json_lines(lines, text_field: str, where: str):
       record = json.loads(line)
     except json.JSONDecodeError:
       raise UserError(f'{where}:{number} is not a JSON object; fix or remove the line.') from None
-    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+    if form == 'text' and not (isinstance(record, dict) and
+                               isinstance(record.get(text_field), str)):
       raise UserError(f'{where}:{number} has no text field {text_field!r}; give the field '
                       'that holds the text with --text_field.')
-    yield record[text_field]
+    if form != 'text' and not (isinstance(record, dict) and all(f in record for f in fields)):
+      raise UserError(f'{where}:{number} lacks the {" and ".join(fields)} field(s) that a '
+                      f'--format={form} conversation has; fix the line or give the right --format.')
+    yield _document(record, form, fields)
 
 
-def documents(path: epath.Path, text_field: str = 'text'):
+def documents(path: epath.Path, text_field: str = 'text', form: str = 'text'):
   """The documents (str) of one corpus file; a damaged file is one clear error."""
   name, where = path.name, os.fspath(path)
+  fields = _fields(form, text_field)
   try:
     if name.endswith('.txt'):
+      if form != 'text':
+        raise UserError(f'{where} is a .txt file, which holds no --format={form} conversations; '
+                        'give them as .jsonl or .parquet records.')
       yield path.read_bytes().decode('utf-8', errors='replace')
     elif name.endswith('.parquet'):
       import pyarrow.parquet as pq
       with path.open('rb') as f:
         table = pq.ParquetFile(f)
-        if text_field not in table.schema_arrow.names:
-          raise UserError(f'{where} has no column {text_field!r}; give the column that holds '
-                          'the text with --text_field.')
-        for batch in table.iter_batches(columns=[text_field]):
-          yield from (text for text in batch.column(0).to_pylist() if text is not None)
+        missing = [field for field in fields if field not in table.schema_arrow.names]
+        if missing:
+          raise UserError(f'{where} has no column {missing[0]!r}; give the column that holds '
+                          'the text with --text_field, or the right --format.')
+        for batch in table.iter_batches(columns=list(fields)):
+          for record in batch.to_pylist():
+            if all(record[field] is not None for field in fields):
+              yield _document(record, form, fields)
     else:
       with path.open('rb') as raw:
         if name.endswith('.gz'):
@@ -97,7 +130,7 @@ def documents(path: epath.Path, text_field: str = 'text'):
         else:
           stream = raw
         text = io.TextIOWrapper(stream, encoding='utf-8', errors='replace')
-        yield from _json_lines(text, text_field, where)
+        yield from _json_lines(text, text_field, where, form)
   except UserError:
     raise
   except Exception as error:  # gzip, zstandard and pyarrow each raise their own kinds
@@ -115,7 +148,7 @@ def output_name(root: epath.Path, path: epath.Path) -> str:
   return os.fspath(path.relative_to(root)).replace('/', '__')
 
 
-def prepare_file(root: str, path: str, output: str, text_field: str) -> dict:
+def prepare_file(root: str, path: str, output: str, text_field: str, form: str = 'text') -> dict:
   """Writes one input file's two ArrayRecord files and its done marker; returns its counts."""
   from array_record.python import array_record_module
   root, path, output = epath.Path(root), epath.Path(path), epath.Path(output)
@@ -127,7 +160,7 @@ def prepare_file(root: str, path: str, output: str, text_field: str) -> dict:
       for split in SPLITS
   }
   try:
-    for text in documents(path, text_field):
+    for text in documents(path, text_field, form):
       data = text.encode('utf-8', errors='replace')
       split = _split_of(text)
       writers[split].write(data)
@@ -150,11 +183,12 @@ def prepare_file(root: str, path: str, output: str, text_field: str) -> dict:
 
 
 def prepare(input_root: str, output: str, text_field: str = 'text', workers: int = 1,
-            process_index: int = 0, process_count: int = 1) -> dict:
+            process_index: int = 0, process_count: int = 1, form: str = 'text') -> dict:
   """Prepares this process's share of the corpus; returns the counts it wrote and skipped."""
   if not 0 <= process_index < process_count:
     raise UserError(f'--process_index ({process_index}) must be in 0..--process_count - 1 '
                     f'({process_count - 1}).')
+  _fields(form, text_field)  # an unknown --format stops here
   files = input_files(input_root)[process_index::process_count]
   output_path = epath.Path(output)
   for folder in (*SPLITS, 'done'):
@@ -170,12 +204,13 @@ def prepare(input_root: str, output: str, text_field: str = 'text', workers: int
 
   if workers <= 1:
     for f in todo:
-      add(prepare_file(input_root, os.fspath(f), output, text_field))
+      add(prepare_file(input_root, os.fspath(f), output, text_field, form))
   else:  # spawned, not forked: the caller may have JAX or Arrow threads running
     context = multiprocessing.get_context('spawn')
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
       futures = [
-          pool.submit(prepare_file, input_root, os.fspath(f), output, text_field) for f in todo
+          pool.submit(prepare_file, input_root, os.fspath(f), output, text_field, form)
+          for f in todo
       ]
       try:
         for future in concurrent.futures.as_completed(futures):
@@ -192,7 +227,7 @@ def main(argv):
   FLAGS = flags.FLAGS
   try:
     totals = prepare(FLAGS.input, FLAGS.output, FLAGS.text_field, FLAGS.workers,
-                     FLAGS.process_index, FLAGS.process_count)
+                     FLAGS.process_index, FLAGS.process_count, FLAGS.format)
   except UserError as error:
     sys.exit(f'error: {error}')
   seconds = max(totals['seconds'], 1e-9)
@@ -206,6 +241,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('input', None, 'A folder or gs:// bucket of corpus files.')
   flags.DEFINE_string('output', None, 'Where the ArrayRecord files go (a folder).')
   flags.DEFINE_string('text_field', 'text', 'The JSON field or Parquet column with the text.')
+  flags.DEFINE_string('format', 'text', 'text, or a conversation: messages | prompt_completion.')
   flags.DEFINE_integer('workers', 1, 'Processes on this host.')
   flags.DEFINE_integer('process_index', 0, 'This host among --process_count hosts.')
   flags.DEFINE_integer('process_count', 1, 'Hosts sharing the work (each a disjoint share).')

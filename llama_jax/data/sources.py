@@ -1,8 +1,9 @@
 """Random-access documents: TFDS datasets and prepared corpora (ArrayRecord, no TensorFlow).
 
 A dataset is named by a string: `builtin_text` (a local text folder, llama_jax.data.
-builtin_text), a TFDS catalog name prepared in ArrayRecord format (`c4/en:3.1.0`), or
-`prepared:FOLDER`, the output of `python -m llama_jax.data.prepare`.
+builtin_text), `stdlib_qa` (conversations about the Python standard library, format
+messages: llama_jax.data.stdlib_qa), a TFDS catalog name prepared in ArrayRecord format
+(`c4/en:3.1.0`), or `prepared:FOLDER`, the output of `python -m llama_jax.data.prepare`.
 """
 
 import os
@@ -11,10 +12,11 @@ import grain
 import tensorflow_datasets as tfds
 from etils import epath
 
-from llama_jax.data import builtin_text
+from llama_jax.data import builtin_text, stdlib_qa
 from llama_jax.errors import UserError
 
 PREPARED = 'prepared:'
+STDLIB_QA = 'stdlib_qa'
 
 
 def dataset_builder(name: str, data_dir: str, text_dir: str = ''):
@@ -92,6 +94,8 @@ def builtin_or_catalog(dataset: str) -> bool:
 
 def prepare_dataset(dataset: str, data_config) -> None:
   """Builds the builtin dataset once; for the others, a clear error if they are not ready."""
+  if dataset == STDLIB_QA:
+    return
   if builtin_or_catalog(dataset):
     prepare(dataset_builder(dataset, data_config.data_dir, data_config.text_dir))
   else:
@@ -100,6 +104,8 @@ def prepare_dataset(dataset: str, data_config) -> None:
 
 def documents(dataset: str, data_config, split: str) -> grain.MapDataset:
   """The documents (str) of one split of `dataset`, by random access."""
+  if dataset == STDLIB_QA:
+    return grain.MapDataset.source(stdlib_qa.split(split))
   if builtin_or_catalog(dataset):
     builder = dataset_builder(dataset, data_config.data_dir, data_config.text_dir)
     prepare(builder)  # a no-op once built; a clear error for a catalog set no one built
@@ -116,6 +122,8 @@ def _text(value) -> str:
 
 def cache_name(dataset: str, data_config) -> str:
   """A file-name-safe name of `dataset` (for a tokenizer trained on it)."""
+  if dataset == STDLIB_QA:
+    return dataset
   if not builtin_or_catalog(dataset):
     return 'prepared_' + prepared_folder(dataset, data_config.data_dir).name
   builder = dataset_builder(dataset, data_config.data_dir, data_config.text_dir)
