@@ -61,7 +61,7 @@ def build_server():
     config.mesh.update(dict(data=1, fsdp=-1, sequence=1, tensor=1))  # the writer's mesh
   experiment = experiment_lib.build(config, devices)
   params = evaluation.restore_params(directory, step, experiment.model_config,
-                                     experiment.shardings.params, FLAGS.bfloat16)
+                                     experiment.params_shardings, FLAGS.bfloat16)
   tokenizer = tokenizer_lib.for_data(config.data, config.model.vocab_size,
                                      checkpoints=(FLAGS.workdir,))  # never trains one
   metrics = ServingMetrics()

@@ -1,18 +1,18 @@
-"""Fine-tuning LLaMA-7B with LoRA on a converted checkpoint (docs/fine_tuning.md).
+"""Fine-tuning Llama 2 7B with LoRA on a converted checkpoint (docs/fine_tuning.md).
 
-    python -m llama_jax.convert --source=hf --input=HF_DIR --output=runs/llama_7b
+    python -m llama_jax.convert --source=hf --input=HF_DIR --output=runs/llama2_7b
     python train.py --config=configs/sft.py --workdir=runs/sft \
-        --config.checkpoint.init_params=runs/llama_7b --config.data.name=prepared:FOLDER
+        --config.checkpoint.init_params=runs/llama2_7b --config.data.name=prepared:FOLDER
 
 Adapters of rank 16 on every projection train on a frozen bfloat16 base. For full
 fine-tuning instead, set model.lora.rank=0 and a lower optim.learning_rate (2e-5).
 """
 
-from configs import llama_7b
+from configs import llama2_7b
 
 
 def get_config():
-  config = llama_7b.get_config()
+  config = llama2_7b.get_config()
   config.model.lora.rank = 16
   config.model.lora.alpha = 32.0
   config.model.lora.targets = ('wq', 'wk', 'wv', 'wo', 'w1', 'w2', 'w3')

@@ -17,6 +17,7 @@ from llama_jax import model as model_lib
 from llama_jax import optim
 from llama_jax import sharding as sharding_lib
 from llama_jax import steps
+from llama_jax.data import mixture
 from llama_jax.errors import ConfigError
 
 
@@ -37,6 +38,12 @@ def validate(config, mesh_sizes: dict, platform: str) -> model_lib.ModelConfig:
       raise ConfigError(message)
 
   check(train.steps > 0, f'train.steps must be positive, got {train.steps}.')
+  conversations = [s.name for s in mixture.sources_of(config.data) if s.format != 'text']
+  check(
+      config.data.segment_mask or not conversations,
+      f'the conversation source {", ".join(conversations)} packs several conversations to a '
+      'row, which needs data.segment_mask=True (else they attend to each other); set it (on '
+      'a GPU with model.attention=auto or triton: cudnn cannot mask packed rows).')
   check(
       train.seq_len <= model_config.max_seq_len,
       f'train.seq_len ({train.seq_len}) exceeds model.max_seq_len '

@@ -39,7 +39,7 @@ def restore(workdir: str, step: int | None = None, bfloat16: bool = False):
     config.mesh.update(dict(data=1, fsdp=-1, sequence=1, tensor=1))  # the writer's mesh
   experiment = experiment_lib.build(config, devices)
   params = evaluation.restore_params(directory, step, experiment.model_config,
-                                     experiment.shardings.params, bfloat16)
+                                     experiment.params_shardings, bfloat16)
   tokenizer = tokenizer_lib.for_data(config.data, config.model.vocab_size, checkpoints=(workdir,))
   return evaluation.model_of(params, config), tokenizer
 

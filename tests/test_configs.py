@@ -4,6 +4,7 @@ import importlib
 
 import pytest
 
+from llama_jax import experiment
 from llama_jax import model as model_lib
 from llama_jax.errors import ConfigError
 
@@ -77,3 +78,13 @@ def test_unknown_model_key_is_named():
   config.model.n_layer = 3
   with pytest.raises(ConfigError, match='n_layer'):
     model_lib.ModelConfig.from_config(config.model)
+
+
+def test_conversations_without_segment_mask_are_refused():
+  """Packed conversations must not attend to each other: segment_mask=False is refused."""
+  config = importlib.import_module('configs.tiny_sft').get_config()
+  mesh = dict(data=1, fsdp=1, sequence=1, tensor=1)
+  experiment.validate(config, mesh, 'cpu')  # the demo as shipped is accepted
+  config.data.segment_mask = False
+  with pytest.raises(ConfigError, match='stdlib_qa .*data.segment_mask=True'):
+    experiment.validate(config, mesh, 'cpu')

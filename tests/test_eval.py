@@ -55,7 +55,7 @@ def restored(run, devices, mesh_sizes, bfloat16=False, **overrides):
   config.mesh.update(dict(zip(sharding_lib.MESH_AXES, mesh_sizes)))
   experiment = experiment_lib.build(config, devices)
   params = evaluation.restore_params(directory, step, experiment.model_config,
-                                     experiment.shardings.params, bfloat16)
+                                     experiment.params_shardings, bfloat16)
   return evaluation.model_of(params, config), config, experiment, params
 
 
