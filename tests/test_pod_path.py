@@ -49,7 +49,7 @@ def compile_for(topology, **kwargs):
 @pytest.mark.slow
 @pytest.mark.parametrize('mesh', MESHES)
 def test_weak_scaling_keeps_the_memory_per_chip(mesh):
-  """4x the chips and 4x the global batch: each chip's temporaries stay within 15%.
+  """4x the chips and 4x the global batch: each chip's temporaries grow by less than 15%.
 
   Parameters and optimizer state shrink per chip (FSDP) and activations keep their size,
   so the temporaries barely move; an activation replicated over the batch axes (the whole
@@ -62,7 +62,9 @@ def test_weak_scaling_keeps_the_memory_per_chip(mesh):
   big = compile_for(big_topology, rows_per_fsdp_shard=4, **MESHES[mesh])
   small_temp = aot.memory_per_chip(small)['temporaries']
   big_temp = aot.memory_per_chip(big)['temporaries']
-  assert abs(big_temp / small_temp - 1) < 0.15, (small_temp / MIB, big_temp / MIB)
+  # Growth is the failure (a replicated activation); with context parallelism the
+  # fsdp x sequence x tensor case's temporaries shrink on the larger slice (55.0 -> 46.4 MiB).
+  assert big_temp < 1.15 * small_temp, (small_temp / MIB, big_temp / MIB)
   small_largest = hlo.largest_arrays(small.as_text(), 1)[0]
   big_largest = hlo.largest_arrays(big.as_text(), 1)[0]
   assert big_largest[0] <= small_largest[0], (small_largest, big_largest)
