@@ -84,6 +84,20 @@ HF_ROPE_KEYS = {
 # Meta's Llama 3.1+ `use_scaled_rope` (llama-models' apply_scaling constants).
 META_ROPE_SCALING = rope.Llama3Scaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                        original_max_position_embeddings=8192)
+# Llama 3.2 1B and 3B ((dim, layers)) use factor 32, which their params.json does not say (their
+# Hugging Face config.json does; llama-models' reference code applied 8: its issue #166).
+META_FACTOR_32_SHAPES = ((2048, 16), (3072, 28))
+
+
+def meta_rope_scaling(meta: dict) -> rope.Llama3Scaling | None:
+  """The rope scaling of a Meta params.json."""
+  if not meta.get('use_scaled_rope', False):
+    return None
+  if (meta['dim'], meta['n_layers']) in META_FACTOR_32_SHAPES:
+    return dataclasses.replace(META_ROPE_SCALING, factor=32.0)
+  return META_ROPE_SCALING
+
+
 # tokenizer.json / tokenizer.model and the files read beside them (data/tokenizer.py).
 TOKENIZER_FILES = tokenizer_lib.FOLDER_FILES + tokenizer_lib.CONFIG_FILES
 
@@ -128,7 +142,11 @@ def model_config_from_hf(hf: dict) -> model_lib.ModelConfig:
       **_ffn_keys(dim, hf['intermediate_size']))
 
 
-def hf_config_from_model(config: model_lib.ModelConfig) -> dict:
+def hf_config_from_model(config: model_lib.ModelConfig, tokenizer=None) -> dict:
+  """config.json for `config`; BOS and the end ids from `tokenizer` (LLaMA's 1 and 2 without one:
+  the sentencepiece tokenizers this project trains)."""
+  bos_id, end_ids = (1, [2]) if tokenizer is None else (
+      tokenizer.bos_id, [tokenizer.eos_id, *sorted(tokenizer.stop_ids - {tokenizer.eos_id})])
   scaling = dataclasses.asdict(config.rope_scaling) if config.rope_scaling else {'type': 'default'}
   rope_parameters = {'rope_type': scaling.pop('type'), 'rope_theta': config.rope_theta, **scaling}
   return {
@@ -149,8 +167,8 @@ def hf_config_from_model(config: model_lib.ModelConfig) -> dict:
       'tie_word_embeddings': config.tie_embeddings,
       'attention_bias': False,
       'mlp_bias': False,
-      'bos_token_id': 1,
-      'eos_token_id': 2,
+      'bos_token_id': bos_id,
+      'eos_token_id': end_ids[0] if len(end_ids) == 1 else end_ids,
       'torch_dtype': 'float32',
   }
 
@@ -274,8 +292,8 @@ def read_meta(folder: str):
       n_kv_heads=meta.get('n_kv_heads'), vocab_size=vocab_size,
       multiple_of=meta.get('multiple_of', 256), ffn_dim_multiplier=meta.get('ffn_dim_multiplier'),
       norm_eps=meta.get('norm_eps', 1e-5), rope_theta=float(meta.get('rope_theta', 10000.0)),
-      rope_scaling=META_ROPE_SCALING if scaled else None, tie_embeddings='output.weight'
-      not in shards[0], max_seq_len=max_seq_len, dtype='float32')
+      rope_scaling=meta_rope_scaling(meta), tie_embeddings='output.weight' not in shards[0],
+      max_seq_len=max_seq_len, dtype='float32')
 
   def read_tensor(name):
     if name.startswith('model.layers.'):
@@ -364,8 +382,12 @@ def write_hf(config: model_lib.ModelConfig, params, output: str, tokenizer_from:
     total_bytes += sum(t.nbytes for t in tensors.values())
   with open(os.path.join(output, 'model.safetensors.index.json'), 'w') as f:
     json.dump({'metadata': {'total_size': total_bytes}, 'weight_map': weight_map}, f, indent=2)
+  tokenizer = None
+  if tokenizer_from and any(
+      os.path.exists(os.path.join(tokenizer_from, name)) for name in tokenizer_lib.FOLDER_FILES):
+    tokenizer = tokenizer_lib.load(tokenizer_from)
   with open(os.path.join(output, 'config.json'), 'w') as f:
-    json.dump(hf_config_from_model(config), f, indent=2)
+    json.dump(hf_config_from_model(config, tokenizer), f, indent=2)
   if tokenizer_from:
     copy_tokenizer(tokenizer_from, output)
 

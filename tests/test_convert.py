@@ -10,6 +10,7 @@ import torch
 import transformers
 from flax import nnx
 from safetensors.numpy import load_file
+from test_tokenizers import _build_llama3_like
 
 from llama_jax import convert, generate
 from llama_jax import model as model_lib
@@ -234,6 +235,7 @@ def test_llama_families_match_transformers(tmp_path, shape):
 @pytest.mark.parametrize('shape', ['llama3.1', 'llama3.2'])
 def test_round_trip_keeps_rope_scaling_and_tie(tmp_path, shape):
   make_hf(tmp_path / 'hf', shape)
+  _build_llama3_like(str(tmp_path / 'hf'))  # a real tokenizer: the export writes its BOS, end ids
   convert.write_orbax(*convert.read_hf(str(tmp_path / 'hf')), str(tmp_path / 'ours'),
                       tokenizer_from=str(tmp_path / 'hf'))
   convert.write_hf(*convert.read_orbax(str(tmp_path / 'ours')), str(tmp_path / 'back'),
@@ -249,6 +251,11 @@ def test_round_trip_keeps_rope_scaling_and_tie(tmp_path, shape):
   assert (tmp_path / 'back' / 'tokenizer.json').read_text() == (tmp_path / 'hf' /
                                                                 'tokenizer.json').read_text()
   reloaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / 'back')).eval()
+  hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'back'))
+  assert reloaded.config.bos_token_id == hf_tokenizer.bos_token_id
+  end_ids = hf_tokenizer.convert_tokens_to_ids(['<|end_of_text|>', '<|eom_id|>', '<|eot_id|>'])
+  assert reloaded.config.eos_token_id[0] == hf_tokenizer.eos_token_id
+  assert sorted(reloaded.config.eos_token_id) == sorted(end_ids)
   want = SHAPES[shape]['rope_parameters']
   assert {k: reloaded.config.rope_parameters[k] for k in want} == want
   assert reloaded.config.tie_word_embeddings == (shape == 'llama3.2')
@@ -317,6 +324,28 @@ def test_meta_llama3_matches_the_hugging_face_route(tmp_path):
   positions = np.broadcast_to(20000 + np.arange(96), ids.shape)
   np.testing.assert_allclose(np.asarray(from_meta(ids, positions)[0]),
                              np.asarray(from_hf(ids, positions)[0]), atol=1e-5, rtol=0)
+
+
+# Published params.json files (Meta's downloads) and the rope factor of the same model's Hugging
+# Face config.json: Llama 3.1 8B and 70B use 8, Llama 3.2 1B and 3B use 32.
+META_PARAMS = {
+    8.0: [
+        dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8),
+        dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8)
+    ],
+    32.0: [
+        dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8),
+        dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8)
+    ],
+}
+
+
+@pytest.mark.parametrize('factor', sorted(META_PARAMS))
+def test_meta_scaled_rope_factor_is_the_model_cards(factor):
+  for shape in META_PARAMS[factor]:
+    meta = dict(shape, vocab_size=128256, rope_theta=500000.0, use_scaled_rope=True)
+    assert convert.meta_rope_scaling(meta).factor == factor
+    assert convert.meta_rope_scaling(dict(meta, use_scaled_rope=False)) is None
 
 
 def one_sentence_and_nothing_written(call, match, out):
