@@ -5,16 +5,22 @@ the built-in corpus (the Python standard library), once with the tiny config's
 sentencepiece tokenizer and once with a Hugging Face tokenizer.json: --tokenizer_json=PATH,
 or by default a byte-level BPE of --json_vocab tokens (128k, Llama 3's size, split pattern
 and special tokens) trained here on the corpus (also read upper-cased and reversed, for
-enough distinct words) with the `tokenizers` trainer and kept in DATA_DIR/tokenizers/.
+enough distinct words) with the `tokenizers` trainer, then written as tiktoken ranks and
+converted back by transformers' TikTokenConverter (the way Llama 3's tokenizer.json was made
+from Meta's file), both kept in DATA_DIR/tokenizers/.
 With --sources=N the corpus is read as N sources mixed with weights N, N-1, ..., 1.
 """
 
+import base64
+import json
 import os
+import tempfile
 import time
 
 import tokenizers
 from absl import app, flags, logging
 from etils import epath
+from transformers.convert_slow_tokenizer import TikTokenConverter, bytes_to_unicode
 
 from configs import tiny
 from llama_jax.data import mixture, pipeline
@@ -47,6 +53,20 @@ def train_tokenizer_json(documents, vocab_size: int, path: epath.Path) -> None:
   tokenizer.add_special_tokens(list(tiktoken_model.SPECIAL_TOKENS))
   path.parent.mkdir(parents=True, exist_ok=True)
   tokenizer.save(os.fspath(path))
+
+
+def convert_like_llama3(trained: epath.Path, path: epath.Path) -> None:
+  """The trained tokenizer.json's vocabulary as tiktoken ranks, made a tokenizer.json again
+  by transformers' TikTokenConverter (every split of every token a merge, by rank)."""
+  vocab = json.loads(trained.read_text())['model']['vocab']
+  byte_of = {c: b for b, c in bytes_to_unicode().items()}
+  with tempfile.NamedTemporaryFile('w', suffix='.tiktoken') as ranks:
+    for token, rank in sorted(vocab.items(), key=lambda item: item[1]):
+      ranks.write(f'{base64.b64encode(bytes(byte_of[c] for c in token)).decode()} {rank}\n')
+    ranks.flush()
+    converter = TikTokenConverter(vocab_file=ranks.name, pattern=tiktoken_model.PATTERN,
+                                  extra_special_tokens=list(tiktoken_model.SPECIAL_TOKENS))
+    converter.converted().save(os.fspath(path))
 
 
 def tokens_per_second(corpus, tokenizer, prefetch: int) -> tuple[float, float, float]:
@@ -92,12 +112,18 @@ def main(argv):
       texts = (
           text for i in range(len(train)) for text in (train[i], train[i].upper(), train[i][::-1]))
       train_tokenizer_json(texts, FLAGS.json_vocab, path)
-    json_path = os.fspath(path)
+    converted = path.with_name(path.stem + '_from_tiktoken.json')
+    if not converted.exists():
+      convert_like_llama3(path, converted)
+    json_path = os.fspath(converted)
   tokenizers_timed = [
       ('sentencepiece (tiny config)',
        tokenizer_lib.for_data(config.data, config.model.vocab_size, corpus)),
       (f'tokenizer.json {json_path}', tokenizer_lib.load(json_path)),
   ]
+  print(
+      f'tokenizer.json encoded by {"tiktoken" if tokenizers_timed[1][1].tiktoken else "tokenizers"}'
+      ' (tokenizer_json.tiktoken_ranks)')
   for name, tokenizer in tokenizers_timed:
     tokens, batches, per_cpu_second = tokens_per_second(corpus, tokenizer, config.data.prefetch)
     print(f'{name}, {tokenizer.vocab_size:,} tokens: {tokens:,.0f} tokens/s ({batches:.1f} '

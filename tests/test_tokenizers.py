@@ -86,9 +86,31 @@ def _write_tiktoken(json_folder, path):
   return path
 
 
+def _convert_from_tiktoken(tiktoken_path, json_folder, folder):
+  """The tiktoken ranks as a tokenizer.json, written by transformers' TikTokenConverter (as
+  Llama 3's was made from Meta's tokenizer.model), with json_folder's specials and config."""
+  trained = tokenizers.Tokenizer.from_file(os.path.join(json_folder, 'tokenizer.json'))
+  specials = [token.content for _, token in sorted(trained.get_added_tokens_decoder().items())]
+  converted = transformers.convert_slow_tokenizer.TikTokenConverter(
+      vocab_file=tiktoken_path, extra_special_tokens=specials).converted()
+  converted.post_processor = trained.post_processor
+  os.makedirs(folder, exist_ok=True)
+  converted.save(os.path.join(folder, 'tokenizer.json'))
+  config = os.path.join(json_folder, 'tokenizer_config.json')
+  with open(config) as source, open(os.path.join(folder, 'tokenizer_config.json'), 'w') as target:
+    target.write(source.read())
+  return folder
+
+
 @pytest.fixture(scope='module')
 def json_folder(tmp_path_factory):
   return _build_llama3_like(str(tmp_path_factory.mktemp('llama3_json')))
+
+
+@pytest.fixture(scope='module')
+def converted_folder(json_folder, tiktoken_file, tmp_path_factory):
+  return _convert_from_tiktoken(tiktoken_file, json_folder,
+                                str(tmp_path_factory.mktemp('from_tiktoken')))
 
 
 @pytest.fixture(scope='module')
@@ -101,8 +123,14 @@ def tiktoken_file(json_folder, tmp_path_factory):
   return _write_tiktoken(json_folder, str(tmp_path_factory.mktemp('tiktoken') / 'tokenizer.model'))
 
 
-def test_tokenizer_json_ids_equal_transformers(json_folder, reference):
-  ours = tokenizer_lib.load(json_folder)  # the folder: its tokenizer.json
+@pytest.mark.parametrize('made_by', ['trainer', 'tiktoken_converter'])
+def test_tokenizer_json_ids_equal_transformers(made_by, json_folder, converted_folder):
+  """A file the `tokenizers` trainer made goes through `tokenizers` (its merges are not every
+  split of every token); one converted from tiktoken ranks, as Llama 3's is, through tiktoken."""
+  folder = json_folder if made_by == 'trainer' else converted_folder
+  reference = transformers.AutoTokenizer.from_pretrained(folder)
+  ours = tokenizer_lib.load(folder)  # the folder: its tokenizer.json
+  assert bool(ours.tiktoken) == (made_by == 'tiktoken_converter')
   assert isinstance(reference, transformers.PreTrainedTokenizerFast)
   assert ours.bos_id == reference.bos_token_id and ours.eos_id == reference.eos_token_id
   assert ours.vocab_size == len(reference) and ours.chat_template == reference.chat_template
