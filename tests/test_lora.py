@@ -92,6 +92,10 @@ def test_bad_targets_are_one_sentence():
     lora.LoRAConfig(rank=4, targets=('wq', 'query'))
   with pytest.raises(ConfigError, match='model.lora.rank must be'):
     lora.LoRAConfig(rank=-1)
+  model = ml_collections.ConfigDict(dataclasses.asdict(BASE))  # as a config states it
+  model.lora.update(dict(rank=4, targets=('wq', 'query')))
+  with pytest.raises(ConfigError, match=r"model.lora.targets \['wq', 'query'\] must be"):
+    model_lib.ModelConfig.from_config(model)
 
 
 def _lora_config(small_config, text_dir, data_dir, base_dir, **overrides):
