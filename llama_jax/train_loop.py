@@ -76,7 +76,7 @@ def _config_value(value):
   return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
-def check_init_params(config, model_config) -> None:
+def check_init_model(config, model_config) -> None:
   """Stops unless checkpoint.init_params holds this run's model: its shapes, and the norm
   epsilon and rotary embedding its weights were trained with (the rotary ones may differ
   with checkpoint.allow_new_rope)."""
@@ -333,7 +333,7 @@ def train(config, workdir: str) -> dict:
     evaluation.check_tasks(config.train.eval_tasks, config.train.eval_task_dir)
     _check_workdir(workdir)
     _check_init_params(config.checkpoint.init_params)
-    check_init_params(config, experiment.model_config)
+    check_init_model(config, experiment.model_config)
     base = _lora_base(config, experiment.model_config)
     data = _open_data(config, experiment, workdir)
     checkpoint_dir = checkpoint_lib.directory_of(workdir, config.checkpoint.directory)

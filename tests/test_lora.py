@@ -170,14 +170,14 @@ def test_a_fine_tune_keeps_its_checkpoints_norm_epsilon_and_rope(tmp_path, small
       UserError, match=re.escape("model.rope_scaling=None but this run has "
                                  "{'factor': 4.0, 'type': 'linear'}; set "
                                  'model.rope_scaling=None to')):
-    train_loop.check_init_params(config, model_lib.ModelConfig.from_config(config.model))
+    train_loop.check_init_model(config, model_lib.ModelConfig.from_config(config.model))
   config.checkpoint.allow_new_rope = True  # context extension: a new rope on these weights
-  train_loop.check_init_params(config, model_lib.ModelConfig.from_config(config.model))
+  train_loop.check_init_model(config, model_lib.ModelConfig.from_config(config.model))
   config.model.norm_eps = 1e-6
   with pytest.raises(
       UserError, match=r'model.norm_eps=1e-05 but this run has 1e-06; set '
       r'model.norm_eps=1e-05 to fine-tune it as it was trained\.$'):
-    train_loop.check_init_params(config, model_lib.ModelConfig.from_config(config.model))
+    train_loop.check_init_model(config, model_lib.ModelConfig.from_config(config.model))
 
 
 def _checkpoint_items(workdir, step):
