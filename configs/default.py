@@ -110,6 +110,7 @@ def get_config():
   checkpoint.keep_period = 0  # also keep every step divisible by this forever; 0 = none
   checkpoint.async_save = True  # write in the background while training goes on
   checkpoint.init_params = ''  # a workdir (or convert output) whose parameters start a new run
+  checkpoint.allow_new_rope = False  # True: rope_theta / rope_scaling may differ from init_params'
 
   config.logging = logging = ml_collections.ConfigDict()
   logging.every_steps = 10  # steps between metric rows

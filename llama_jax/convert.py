@@ -351,7 +351,10 @@ def read_orbax(workdir: str, step: int | None = None):
                     'config says tie_embeddings=False; restore it with model.tie_embeddings=True.')
   abstract = nnx.state(model_lib.abstract_model(config), nnx.Param)
   cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
-  params = evaluation.restore_params(directory, step, config, jax.tree.map(lambda _: cpu, abstract))
+  # Every weight in float32 as stored, a LoRA run's base too (training holds it in
+  # model.dtype): --merge_lora adds the update to the weights themselves, in float32.
+  params = evaluation.restore_params(directory, step, dataclasses.replace(config, dtype='float32'),
+                                     jax.tree.map(lambda _: cpu, abstract))
   return config, params
 
 
@@ -432,7 +435,8 @@ def write_peft(config: model_lib.ModelConfig, params, output: str) -> None:
 
 
 def merge_lora(config: model_lib.ModelConfig, params):
-  """(config, parameters) of the plain model whose weights hold the adapters' updates."""
+  """(config, float32 parameters) of the plain model whose weights hold the adapters'
+  updates W + alpha/rank A B (params as read_orbax gives them: float32)."""
   return dataclasses.replace(config, lora=lora.LoRAConfig()), lora.merge(params, config.lora)
 
 

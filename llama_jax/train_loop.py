@@ -38,6 +38,10 @@ RESTORE_ATTEMPTS = 3  # reads of a checkpoint before a process calls it unreadab
 # checkpoint states it one way, a paper config another).
 SHAPE_KEYS = ('dim', 'n_layers', 'n_heads', 'kv_heads', 'vocab_size', 'hidden_dim',
               'tie_embeddings')
+# Model properties the weights of checkpoint.init_params were trained with; a fine-tune keeps
+# them. The rotary ones may change with checkpoint.allow_new_rope (context extension).
+NUMERIC_KEYS = ('norm_eps', 'rope_theta', 'rope_scaling')
+ROPE_KEYS = ('rope_theta', 'rope_scaling')
 
 
 def _check_workdir(workdir: str) -> None:
@@ -65,6 +69,38 @@ def _check_checkpoint_matches(directory: str, step: int, model_config, workdir: 
     raise UserError(f'{workdir} holds a checkpoint of a different model '
                     f'({", ".join(different)}, saved vs now); use another --workdir or the '
                     'saved model config.')
+
+
+def _config_value(value):
+  """A model config value as one writes it in a config (a rope scaling as its dict)."""
+  return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def check_init_model(config, model_config) -> None:
+  """Stops unless checkpoint.init_params holds this run's model: its shapes, and the norm
+  epsilon and rotary embedding its weights were trained with (the rotary ones may differ
+  with checkpoint.allow_new_rope)."""
+  init_params = config.checkpoint.init_params
+  if not init_params:
+    return
+  directory = os.path.join(init_params, 'checkpoints')
+  step = checkpoint_lib.find_step(directory)
+  _check_checkpoint_matches(directory, step, model_config, init_params)
+  try:
+    saved = model_lib.ModelConfig.from_config(checkpoint_lib.saved_config(directory, step)['model'])
+  except Exception:  # an unreadable checkpoint: restoring it says so
+    return
+  keys = [
+      k for k in NUMERIC_KEYS if getattr(saved, k) != getattr(model_config, k) and
+      not (config.checkpoint.allow_new_rope and k in ROPE_KEYS)
+  ]
+  if keys:
+    trained = ', '.join(f'model.{k}={_config_value(getattr(saved, k))!r}' for k in keys)
+    now = ', '.join(f'{_config_value(getattr(model_config, k))!r}' for k in keys)
+    rope = (' (or checkpoint.allow_new_rope=True to change its rotary embedding on purpose, as '
+            'context extension does)' if set(keys) & set(ROPE_KEYS) else '')
+    raise UserError(f'checkpoint.init_params {init_params} was trained with {trained} but this '
+                    f'run has {now}; set {trained} to fine-tune it as it was trained{rope}.')
 
 
 def _report_partial_checkpoints(checkpoint_dir: str) -> None:
@@ -204,8 +240,6 @@ def _check_same_base(checkpoint_dir: str, step: int, base: dict, workdir: str) -
 
 def _restore_base(base: dict, experiment) -> object:
   """The frozen base parameters of a LoRA run, read in the compute dtype."""
-  _check_checkpoint_matches(base['directory'], base['step'], experiment.model_config,
-                            base['directory'])
   frozen = checkpoint_lib.restore_params(base['directory'], base['step'],
                                          experiment.abstract_state.frozen,
                                          experiment.shardings.frozen)
@@ -237,7 +271,6 @@ def _restore_or_initialize(config, experiment, manager, checkpoint_dir, workdir,
   elif config.checkpoint.init_params:  # fine-tuning: someone else's parameters, a new optimizer
     source = os.path.join(config.checkpoint.init_params, 'checkpoints')
     source_step = checkpoint_lib.find_step(source)
-    _check_checkpoint_matches(source, source_step, model_config, config.checkpoint.init_params)
     state = state.replace(params=checkpoint_lib.restore_params(source, source_step, abstract.params,
                                                                shardings.params))
     processes.say(f'Initialized the parameters from {source}/{source_step}')
@@ -300,6 +333,7 @@ def train(config, workdir: str) -> dict:
     evaluation.check_tasks(config.train.eval_tasks, config.train.eval_task_dir)
     _check_workdir(workdir)
     _check_init_params(config.checkpoint.init_params)
+    check_init_model(config, experiment.model_config)
     base = _lora_base(config, experiment.model_config)
     data = _open_data(config, experiment, workdir)
     checkpoint_dir = checkpoint_lib.directory_of(workdir, config.checkpoint.directory)

@@ -1,6 +1,11 @@
 """Chat templates against transformers' apply_chat_template; weights only on assistant turns."""
 
 import dataclasses
+import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,11 +15,14 @@ import transformers
 from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from llama_jax import convert
 from llama_jax import model as model_lib
 from llama_jax import steps
 from llama_jax.data import chat
+from llama_jax.data import tokenizer as tokenizer_lib
 from llama_jax.errors import UserError
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIALS = [
     '<|begin_of_text|>', '<|end_of_text|>', '<|start_header_id|>', '<|end_header_id|>', '<|eot_id|>'
 ]
@@ -235,3 +243,73 @@ def test_packed_sft_loss_is_the_assistant_tokens_mean_and_ignores_user_targets(t
   assert not np.array_equal(
       jax.tree.leaves(grad(params, batch))[0],
       jax.tree.leaves(grad(params, changed))[0])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, params, tokens):
+  return nnx.merge(graphdef, params)(tokens)[0][0]  # [length, vocab]
+
+
+def _greedy(model, prompt, stop_ids, max_new_tokens):
+  """Naive greedy decoding: for every token the full forward pass over the sequence so far
+  (right-padded to one length: causal, so the padding changes no logit read), until a stop
+  id."""
+  graphdef, params = nnx.split(model)
+  sequence, new = list(prompt), []
+  for _ in range(max_new_tokens):
+    logits = _logits(graphdef, params, np.array([sequence + [0] * (64 - len(sequence))]))
+    token = int(np.argmax(logits[len(sequence) - 1]))
+    if token in stop_ids:
+      return new, token
+    sequence.append(token)
+    new.append(token)
+  return new, None
+
+
+def test_eval_chat_answers_the_transformers_prompt_greedily_and_stops_on_eot(
+    tokenizers_pair, tmp_path):
+  """`eval.py --chat` on a converted model with a chat template: each answer is the greedy
+  continuation of the ids transformers' apply_chat_template gives (with the generation
+  prompt), cut at the tokenizer's stop ids (<|eot_id|> here, not only EOS)."""
+  _, hf = tokenizers_pair
+  hf.chat_template = HF_TEMPLATE  # saved into the folder, then off the shared fixture again
+  hf.save_pretrained(str(tmp_path / 'tokenizer'))
+  hf.chat_template = None
+  stops = tokenizer_lib.load(str(tmp_path / 'tokenizer')).stop_ids
+  eot = hf.convert_tokens_to_ids('<|eot_id|>')
+  assert stops == {eot, hf.eos_token_id}
+
+  questions = ['What does json.dumps do?', 'Hello there!']
+  prompts = [
+      _hf_ids(hf, [{
+          'role': 'user',
+          'content': q
+      }], HF_TEMPLATE, add_generation_prompt=True) for q in questions
+  ]
+  config = model_lib.ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=400, multiple_of=16,
+                                 max_seq_len=128, dtype='float32', attention='reference')
+  model = model_lib.Transformer(config, rngs=nnx.Rngs(0))
+  # Make the first question's answer end on <|eot_id|>: swap its output column with that of
+  # the first token of the greedy answer that is new and comes third or later.
+  free_run, _ = _greedy(model, prompts[0], set(), 12)
+  k = next(k for k in range(2, 12) if free_run[k] not in free_run[:k] + [eot])
+  assert eot not in free_run[:k]
+  output = model.output[...]
+  model.output[...] = output.at[:, [eot, free_run[k]]].set(output[:, [free_run[k], eot]])
+  want = [_greedy(model, prompt, stops, 12) for prompt in prompts]
+  assert want[0] == (free_run[:k], eot)
+
+  convert.write_orbax(config, nnx.state(model, nnx.Param), str(tmp_path / 'model'),
+                      tokenizer_from=str(tmp_path / 'tokenizer'))
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # one CPU device
+  done = subprocess.run([
+      sys.executable, 'eval.py', f'--workdir={tmp_path / "model"}', '--max_new_tokens=12',
+      *[f'--chat={q}' for q in questions]
+  ], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(tmp_path / 'model' / 'eval_step0.json') as f:
+    answers = json.load(f)['chat']
+  assert answers == [{
+      'question': q,
+      'answer': hf.decode(ids, skip_special_tokens=False)
+  } for q, (ids, _) in zip(questions, want)]

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +92,10 @@ def test_bad_targets_are_one_sentence():
     lora.LoRAConfig(rank=4, targets=('wq', 'query'))
   with pytest.raises(ConfigError, match='model.lora.rank must be'):
     lora.LoRAConfig(rank=-1)
+  model = ml_collections.ConfigDict(dataclasses.asdict(BASE))  # as a config states it
+  model.lora.update(dict(rank=4, targets=('wq', 'query')))
+  with pytest.raises(ConfigError, match=r"model.lora.targets \['wq', 'query'\] must be"):
+    model_lib.ModelConfig.from_config(model)
 
 
 def _lora_config(small_config, text_dir, data_dir, base_dir, **overrides):
@@ -137,6 +142,42 @@ def test_bfloat16_base_is_stored_in_the_compute_dtype():
   abstract = steps.abstract_state(config, optimizer)
   assert {leaf.dtype for leaf in jax.tree.leaves(abstract.frozen)} == {jnp.dtype(jnp.bfloat16)}
   assert {leaf.dtype for leaf in jax.tree.leaves(abstract.params)} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize('rank', [0, 4])  # full fine-tuning and LoRA on a frozen base
+def test_a_fine_tune_keeps_its_checkpoints_norm_epsilon_and_rope(tmp_path, small_config, rank):
+  """norm_eps, rope_theta, rope_scaling of checkpoint.init_params that differ from the run's
+  are one sentence naming each key, both values and the setting that matches, before any
+  data or compile; the rotary ones may change on purpose with checkpoint.allow_new_rope."""
+  config = small_config('', str(tmp_path / 'tfds'), **{'checkpoint.init_params': str(tmp_path)})
+  config.model.lora.rank = rank
+  run = model_lib.ModelConfig.from_config(config.model)
+  trained = dataclasses.replace(run, norm_eps=1e-5, rope_theta=5e5, lora=lora.LoRAConfig())
+  convert.write_orbax(trained, nnx.state(model_lib.Transformer(trained, rngs=nnx.Rngs(0)),
+                                         nnx.Param), str(tmp_path))
+  workdir = tmp_path / 'run'
+  with pytest.raises(
+      UserError, match=re.escape(
+          f'checkpoint.init_params {tmp_path} was trained with model.norm_eps=1e-05, '
+          'model.rope_theta=500000.0 but this run has 1e-06, 10000.0; set model.norm_eps=1e-05, '
+          'model.rope_theta=500000.0 to fine-tune it as it was trained (or '
+          'checkpoint.allow_new_rope=True to change its rotary embedding on purpose')):
+    train_loop.train(config, str(workdir))
+  assert not (workdir / 'checkpoints').exists() and not (tmp_path / 'tfds').exists()
+  config.model.norm_eps, config.model.rope_theta = 1e-5, 5e5
+  config.model.rope_scaling = {'type': 'linear', 'factor': 4.0}
+  with pytest.raises(
+      UserError, match=re.escape("model.rope_scaling=None but this run has "
+                                 "{'factor': 4.0, 'type': 'linear'}; set "
+                                 'model.rope_scaling=None to')):
+    train_loop.check_init_model(config, model_lib.ModelConfig.from_config(config.model))
+  config.checkpoint.allow_new_rope = True  # context extension: a new rope on these weights
+  train_loop.check_init_model(config, model_lib.ModelConfig.from_config(config.model))
+  config.model.norm_eps = 1e-6
+  with pytest.raises(
+      UserError, match=r'model.norm_eps=1e-05 but this run has 1e-06; set '
+      r'model.norm_eps=1e-05 to fine-tune it as it was trained\.$'):
+    train_loop.check_init_model(config, model_lib.ModelConfig.from_config(config.model))
 
 
 def _checkpoint_items(workdir, step):
@@ -186,11 +227,11 @@ def test_lora_run_saves_adapters_resumes_exactly_and_refuses_another_base(
     train_loop.train(no_base, str(tmp_path / 'no_base'))
 
 
-def _lora_run_on(base_dir, workdir, targets, seed=0):
+def _lora_run_on(base_dir, workdir, targets, seed=0, dtype='float32'):
   """A LoRA run's checkpoint (non-zero adapters on the converted base in `base_dir`), written
   the way train.py writes one; returns the adapted model it holds."""
   base_config, base_params = convert.read_orbax(base_dir)
-  config = dataclasses.replace(base_config, attention='reference',
+  config = dataclasses.replace(base_config, attention='reference', dtype=dtype,
                                lora=lora.LoRAConfig(rank=4, alpha=8.0, targets=targets))
   state = steps.init_state(seed, model_config=config, optimizer=optax.adam(1e-3))
   rng = np.random.default_rng(seed)
@@ -243,6 +284,55 @@ def test_peft_export_and_merged_weights_give_the_adapted_logits(tmp_path, make_h
   merged_hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / 'merged_hf')).eval()
   with torch.no_grad():
     np.testing.assert_allclose(merged_hf(torch.tensor(ids)).logits.numpy(), ours, atol=1e-4, rtol=0)
+
+
+def _flat(tree):
+  """{'layers/attention/wq': array} of a checkpoint item restored without a target."""
+  return {
+      '/'.join(str(getattr(k, 'key', k)) for k in path if getattr(k, 'key', k) != 'value'): leaf for
+      path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+def test_merge_is_float32_from_the_stored_base_of_a_bfloat16_run(tmp_path):
+  """A run computing in bfloat16 holds its base in bfloat16; --merge_lora still writes float32
+  weights equal to W + alpha/rank A B computed in float64 from the stored float32 base."""
+  from safetensors import safe_open
+  base = nnx.state(model_lib.Transformer(BASE, rngs=nnx.Rngs(0)), nnx.Param)
+  convert.write_orbax(BASE, base, str(tmp_path / 'base'))
+  _lora_run_on(str(tmp_path / 'base'), str(tmp_path / 'run'), lora.TARGETS, dtype='bfloat16')
+  stored = _flat(_checkpoint_items(str(tmp_path / 'run'), 7).params)  # the adapters, as saved
+  want = {}
+  for path, variable in nnx.to_flat_state(base):
+    name = '/'.join(map(str, path))
+    w = np.asarray(variable[...], np.float64)
+    if f'{name}_lora_a' in stored:
+      a = np.asarray(stored[f'{name}_lora_a'], np.float64)  # [layers, *in, rank]
+      b = np.asarray(stored[f'{name}_lora_b'], np.float64)  # [layers, rank, *out]
+      update = np.einsum('lir,lro->lio', a.reshape(a.shape[0], -1, a.shape[-1]),
+                         b.reshape(b.shape[0], b.shape[1], -1))
+      w = w + ADAPTED.lora.scale * update.reshape(w.shape)
+    want[name] = w
+  assert len(want) > len(lora.TARGETS)
+
+  convert.convert_orbax(str(tmp_path / 'run'), None, str(tmp_path / 'orbax'), merge=True,
+                        peft=False, to='orbax')
+  manager = ocp.CheckpointManager(str(tmp_path / 'orbax' / 'checkpoints'))
+  restored = manager.restore(0, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+  merged = _flat(restored.params)
+  assert sorted(merged) == sorted(want)
+  for name, w in want.items():
+    assert merged[name].dtype == np.float32, name
+    np.testing.assert_allclose(merged[name], w, rtol=2e-7, atol=1e-7, err_msg=name)
+
+  convert.convert_orbax(str(tmp_path / 'run'), None, str(tmp_path / 'hf'), merge=True, peft=False,
+                        to='hf')
+  for path in (tmp_path / 'hf').glob('*.safetensors'):
+    with safe_open(str(path), 'np') as f:
+      assert {f.get_tensor(key).dtype for key in f.keys()} == {np.dtype(np.float32)}
+  _, hf_params = convert.read_hf(str(tmp_path / 'hf'))
+  for path, variable in nnx.to_flat_state(hf_params):
+    np.testing.assert_allclose(variable[...], want['/'.join(map(str, path))], rtol=2e-7, atol=1e-7)
 
 
 def test_export_errors_are_one_sentence(tmp_path, make_hf_model):
