@@ -136,16 +136,17 @@ def gpu_compile(name, topology, microbatches, mesh=None, layout='einsum'):
     compiled, built = aot.compile_train_step(config, devices)
   seconds = time.perf_counter() - start
   memory = aot.memory_per_chip(compiled)['total']
-  print(f'  {name} {topology} x{microbatches} {dict(mesh or {})} {layout}: '
-        f'{memory / GIB:.1f} GiB ({seconds:.0f}s)', file=sys.stderr, flush=True)
+  print(
+      f'  {name} {topology} x{microbatches} {dict(mesh or {})} {layout}: '
+      f'{memory / GIB:.1f} GiB ({seconds:.0f}s)', file=sys.stderr, flush=True)
   flops = metrics_lib.flops_per_token(built.model_config, config.train.seq_len, built.n_params)
   days = (PAPER_TOKENS[name] * flops / (len(devices) * gpu.peak_flops * FLAGS.assumed_mfu) /
           86400 if name in PAPER_TOKENS else None)
-  mesh_text = ' x '.join(f'{axis} {size}' for axis, size in built.mesh.shape.items()
-                         if size > 1 or axis == 'fsdp')
-  return dict(config=config, gpu=gpu, gpus=len(devices), memory=memory,
-              fits=memory <= gpu.hbm_bytes, days=days, mesh=mesh_text,
-              remat=built.model_config.remat, collectives=hlo.collectives(compiled.as_text()))
+  mesh_text = ' x '.join(
+      f'{axis} {size}' for axis, size in built.mesh.shape.items() if size > 1 or axis == 'fsdp')
+  return dict(config=config, gpu=gpu, gpus=len(devices), memory=memory, fits=memory
+              <= gpu.hbm_bytes, days=days, mesh=mesh_text, remat=built.model_config.remat,
+              collectives=hlo.collectives(compiled.as_text()))
 
 
 def gpu_row(name, topology, fit) -> str:
@@ -195,8 +196,8 @@ def gpu_tables():
   print(header)
   small = next((fit for microbatches in (1, 4, 16)
                 if (fit := gpu_compile('small', 'h100-1', microbatches))['fits']), None)
-  print(gpu_row('small', 'h100-1', small) if small else '| small | does not fit h100-1 |',
-        flush=True)
+  print(
+      gpu_row('small', 'h100-1', small) if small else '| small | does not fit h100-1 |', flush=True)
   for name in FLAGS.configs:
     for family in GPU_FAMILIES:
       print(fewest_gpus(name, family), flush=True)
@@ -214,10 +215,13 @@ def gpu_tables():
   for mesh in LAYOUT_MESHES:
     for layout in ('flat', 'einsum'):
       fit = gpu_compile('llama_7b', MACHINE, microbatches, mesh, layout)
-      sent = [f'{ops:,} ops, {size / GIB:.1f} GiB' if ops else '—'
-              for ops, size in (fit['collectives'].get(kind, (0, 0)) for kind in hlo.COLLECTIVES)]
-      print(f'| {fit["mesh"]} | {layout} | {fit["memory"] / GIB:.2f} GiB | ' + ' | '.join(sent) +
-            ' |', flush=True)
+      sent = [
+          f'{ops:,} ops, {size / GIB:.1f} GiB' if ops else '—'
+          for ops, size in (fit['collectives'].get(kind, (0, 0)) for kind in hlo.COLLECTIVES)
+      ]
+      print(
+          f'| {fit["mesh"]} | {layout} | {fit["memory"] / GIB:.2f} GiB | ' + ' | '.join(sent) +
+          ' |', flush=True)
   print(f'\n{time.perf_counter() - start:.0f} s in all')
 
 
