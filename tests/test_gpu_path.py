@@ -123,6 +123,17 @@ def test_the_compile_only_accelerator_report_reads_the_memory_of_the_step():
   assert re.search(rf'^\| full \| triton \| .* \| {total} \| fits \|', section, re.M), section
 
 
+@pytest.mark.slow
+def test_the_compile_only_report_compiles_triton_in_float32_for_h100():
+  """The kernels section at the correctness check's shape (head_dim 128, float32): Triton
+  lowers the kernel forward and backward within the H100's shared memory (float32 tiles
+  of 128 queries asked for 262,656 bytes of its 232,448 before the kernel took 64)."""
+  device = aot.topology_devices('h100-1')[1][0]
+  section = accelerator_report.kernels_section(accelerator_report.FULL, device)
+  assert re.search(r'^\| triton \| float32 \| __gpu\$xla\.gpu\.triton x3 \|', section,
+                   re.M), section
+
+
 def test_gpu_topology_names():
   assert aot.parse_gpu_topology('h100-1')[1:] == (1, '1x1x1')
   assert aot.parse_gpu_topology('h200-8')[1:] == (8, '1x1x8')
