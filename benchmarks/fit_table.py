@@ -144,8 +144,8 @@ def gpu_compile(name, topology, microbatches, mesh=None, layout='einsum'):
           86400 if name in PAPER_TOKENS else None)
   mesh_text = ' x '.join(
       f'{axis} {size}' for axis, size in built.mesh.shape.items() if size > 1 or axis == 'fsdp')
-  return dict(config=config, gpu=gpu, gpus=len(devices), memory=memory, fits=memory
-              <= gpu.hbm_bytes, days=days, mesh=mesh_text, remat=built.model_config.remat,
+  return dict(config=config, gpu=gpu, memory=memory, fits=memory <= gpu.hbm_bytes, days=days,
+              mesh=mesh_text, remat=built.model_config.remat,
               collectives=hlo.collectives(compiled.as_text()))
 
 
