@@ -16,10 +16,24 @@ Prints Markdown and writes it to --output:
   decoding     KV-cache decoding of 7B- and 13B-shaped models in bfloat16 (random weights),
                tokens/s at batch 1 and 16.
 --smoke runs every section with CPU-sized shapes (the test suite runs it).
+
+  python -m benchmarks.accelerator_report --compile_only --topology=h100-8 [--smoke]
+
+compiles, without the accelerator (llama_jax.aot's compile-only devices; GPUs need the
+gpu-aot extra), the sections that need no execution, for one device of the topology:
+  setup        the device and versions;
+  capacity     as above, against the device's memory;
+  memory       the speed section's train step per remat policy: XLA's memory analysis;
+  kernels      each attention implementation the platform runs, forward and backward at
+               the correctness section's shape: the custom calls it compiled to.
 """
 
+import collections
 import dataclasses
 import importlib.metadata
+import os
+import re
+import sys
 import time
 
 import jax
@@ -34,12 +48,9 @@ from llama_jax import aot, generate, steps
 from llama_jax import attention as attention_lib
 from llama_jax import experiment as experiment_lib
 from llama_jax import model as model_lib
+from llama_jax import sharding as sharding_lib
+from llama_jax.errors import UserError
 
-flags.DEFINE_string('output', 'accelerator_report.md', 'Where the Markdown report goes.')
-flags.DEFINE_bool('smoke', False, 'CPU-sized shapes: checks that the script works.')
-flags.DEFINE_list('sections', ['setup', 'correctness', 'speed', 'capacity', 'decoding'],
-                  'Sections to run.')
-flags.DEFINE_integer('steps', 10, 'Timed train steps per speed row.')
 FLAGS = flags.FLAGS
 
 GIB = 2**30
@@ -70,6 +81,8 @@ SMOKE = Plan('configs.tiny', dict(seq_len=128, batch_size=4), ('save_dots', 'ful
              (('a', 64, 4, 2), ('b', 128, 4, 4), ('c', 256, 4, 8)), 512, 128, (('a', 64, 4, 2),),
              (1, 2), 8, 8, (2, 128, 4, 2, 32))
 SMOKE_MEMORY_LIMIT = 0.01 * GIB  # the CPU reports no memory limit; this puts the cut inside
+RUN_SECTIONS = ('setup', 'correctness', 'speed', 'capacity', 'decoding')
+COMPILE_ONLY_SECTIONS = ('setup', 'capacity', 'memory', 'kernels')
 
 
 def device_memory_limit(device) -> float:
@@ -96,22 +109,26 @@ def table(header: list[str], rows: list[list]) -> str:
   return '\n'.join(lines)
 
 
-def setup_section(plan: Plan) -> str:
-  del plan
-  devices = jax.devices()
+def setup_section(devices, limit, compile_only: bool) -> str:
   versions = {name: importlib.metadata.version(name) for name in ('jax', 'jaxlib', 'flax')}
   for plugin in ('jax-cuda13-plugin', 'jax-cuda12-plugin', 'libtpu'):
     try:
       versions[plugin] = importlib.metadata.version(plugin)
     except importlib.metadata.PackageNotFoundError:
       pass
-  platform = devices[0].client.platform_version
-  rows = [['device', f'{len(devices)} x {devices[0].device_kind} ({devices[0].platform})'],
-          ['platform', platform.splitlines()[0] if platform else '?'],
-          [
-              'memory per device', f'{device_memory_limit(devices[0]) / GIB:.1f} GiB'
-              if devices[0].memory_stats() else 'not reported'
-          ]]
+  if compile_only:  # devices of a topology description: no client, no allocator
+    rows = [[
+        'device', f'{len(devices)} x {devices[0].device_kind} ({devices[0].platform}, '
+        'compile-only)'
+    ], ['memory per device', f'{limit / GIB:.1f} GiB']]
+  else:
+    platform = devices[0].client.platform_version
+    rows = [['device', f'{len(devices)} x {devices[0].device_kind} ({devices[0].platform})'],
+            ['platform', platform.splitlines()[0] if platform else '?'],
+            [
+                'memory per device',
+                f'{limit / GIB:.1f} GiB' if devices[0].memory_stats() else 'not reported'
+            ]]
   rows += [[name, version] for name, version in versions.items()]
   return table(['what', 'value'], rows)
 
@@ -279,10 +296,8 @@ def capacity_config(plan: Plan, dim: int, heads: int, layers: int):
   return config
 
 
-def capacity_section(plan: Plan) -> str:
+def capacity_section(plan: Plan, device, limit) -> str:
   """Paper shapes until one does not fit, then the most layers of that width that fit."""
-  device = jax.devices()[0]
-  limit = device_memory_limit(device)
   rows, measured = [], {}
 
   def need(dim, heads, layers):  # (bytes, parameters) of the compiled step
@@ -322,6 +337,78 @@ def capacity_section(plan: Plan) -> str:
           table(['model', 'parameters', 'memory', 'result'], rows))
 
 
+def size(n_bytes: int) -> str:
+  return f'{n_bytes / GIB:.2f} GiB' if n_bytes >= GIB / 10 else f'{n_bytes / 2**20:.1f} MiB'
+
+
+def memory_section(plan: Plan, device, limit) -> str:
+  """The speed section's train step for each remat policy, compiled: XLA's memory analysis."""
+  rows = []
+  for remat in plan.remats:
+    config = load_config(plan, **{'model.remat': remat})
+    start = time.perf_counter()
+    compiled, built = aot.compile_train_step(config, [device])
+    memory = aot.memory_per_chip(compiled)
+    rows.append([
+        remat, built.model_config.attention,
+        size(memory['arguments']),
+        size(memory['temporaries']),
+        size(memory['total']), 'fits' if memory['total'] <= limit else 'does not fit',
+        f'{time.perf_counter() - start:.0f} s'
+    ])
+  return (
+      f'{plan.speed_config}: batch {config.train.batch_size} x {config.train.seq_len}, '
+      f'{config.model.dtype}, one device, limit {size(limit)} (XLA memory analysis of the '
+      'compiled step)\n\n' +
+      table(['remat', 'attention', 'arguments', 'temporaries', 'total', 'result', 'compile'], rows))
+
+
+def kernels_section(plan: Plan, device) -> str:
+  """Each attention implementation of the device's platform, forward and backward at the
+  correctness section's shape (packed rows but for cudnn), compiled for `device`: the
+  custom calls its program holds (a Pallas kernel is one per pass)."""
+  batch, length, heads, kv_heads, head_dim = plan.attention_shape
+  platform, config = device.platform, load_config(plan)
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  mesh = sharding_lib.make_mesh(config.mesh, [device])
+  rows = []
+  for name in attention_lib.AUTO.get(platform, ()):
+    dtype = jnp.float32 if name != 'cudnn' else jnp.bfloat16
+    packed = name != 'cudnn'
+    reason = attention_lib.unsupported(name, platform=platform, length=length, head_dim=head_dim,
+                                       dtype=dtype, segments=packed)
+    if reason:
+      rows.append([name, jnp.dtype(dtype).name, f'not compiled: {reason}', '', ''])
+      continue
+
+    def loss(q, k, v, segments, name=name):
+      out = attention_lib.attention(q, k, v, segments, segments, implementation=name)
+      return jnp.sum(out.astype(jnp.float32))
+
+    q = jax.ShapeDtypeStruct((batch, length, heads, head_dim), dtype, sharding=sharding)
+    kv = jax.ShapeDtypeStruct((batch, length, kv_heads, head_dim), dtype, sharding=sharding)
+    segments = (jax.ShapeDtypeStruct(
+        (batch, length), jnp.int32, sharding=sharding) if packed else None)
+    start = time.perf_counter()
+    try:
+      with sharding_lib.activation_sharding(mesh, config.mesh.rules):  # traced for `platform`
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, segments).compile()
+    except Exception as error:  # a kernel the compiler refuses (shared memory): say so, go on
+      rows.append(
+          [name, jnp.dtype(dtype).name, f'FAILED: {str(error).splitlines()[0][:160]}', '', ''])
+      continue
+    calls = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text()))
+    rows.append([
+        name,
+        jnp.dtype(dtype).name, ', '.join(f'{target} x{n}' for target, n in calls.items()) or
+        'none (XLA ops)',
+        size(aot.memory_per_chip(compiled)['temporaries']), f'{time.perf_counter() - start:.0f} s'
+    ])
+  return (f'causal attention, batch {batch} x {length}, {heads}/{kv_heads} heads of {head_dim}, '
+          'forward and backward, one device\n\n' +
+          table(['attention', 'dtype', 'custom calls compiled', 'temporaries', 'compile'], rows))
+
+
 def decoding_section(plan: Plan) -> str:
   rows = []
   for name, dim, heads, layers in plan.decode_shapes:
@@ -356,22 +443,54 @@ def decoding_section(plan: Plan) -> str:
                rows)
 
 
+def choose_devices_and_sections():
+  """(devices, memory limit per device, section names) from the flags."""
+  unknown = set(FLAGS.sections or ()) - set(RUN_SECTIONS + COMPILE_ONLY_SECTIONS)
+  if unknown:
+    raise UserError(f'unknown --sections {", ".join(sorted(unknown))}; the sections are '
+                    f'{", ".join(dict.fromkeys(RUN_SECTIONS + COMPILE_ONLY_SECTIONS))}.')
+  if not FLAGS.compile_only:
+    if FLAGS.topology:
+      raise UserError('--topology is for --compile_only; without it the report runs on the '
+                      'devices at hand.')
+    names = FLAGS.sections or RUN_SECTIONS
+    return jax.devices(), device_memory_limit(jax.devices()[0]), names
+  if not FLAGS.topology:
+    raise UserError('--compile_only needs --topology, e.g. --topology=h100-8 or v5p-8.')
+  names = FLAGS.sections or COMPILE_ONLY_SECTIONS
+  needs_devices = [name for name in names if name not in COMPILE_ONLY_SECTIONS]
+  if needs_devices:
+    raise UserError(f'--compile_only runs {", ".join(COMPILE_ONLY_SECTIONS)}; '
+                    f'{", ".join(needs_devices)} need the devices themselves.')
+  if 'JAX_PLATFORMS' not in os.environ:  # compile-only: see llama_jax.aot.main
+    jax.config.update('jax_platforms', 'cpu')
+  chip, devices = aot.topology_devices(FLAGS.topology)
+  return devices, chip.hbm_bytes, names
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.ERROR)
   plan = SMOKE if FLAGS.smoke else FULL
+  try:
+    devices, limit, names = choose_devices_and_sections()
+  except UserError as error:
+    sys.exit(f'error: {error}')
   sections = {
-      'setup': lambda: setup_section(plan),
+      'setup': lambda: setup_section(devices, limit, FLAGS.compile_only),
       'correctness': lambda: correctness_section(plan),
       'speed': lambda: speed_section(plan, 2 if FLAGS.smoke else FLAGS.steps),
-      'capacity': lambda: capacity_section(plan),
+      'capacity': lambda: capacity_section(plan, devices[0], limit),
+      'memory': lambda: memory_section(plan, devices[0], limit),
+      'kernels': lambda: kernels_section(plan, devices[0]),
       'decoding': lambda: decoding_section(plan)
   }
   report = [
-      f'# Accelerator report: {jax.devices()[0].device_kind}' +
+      f'# Accelerator report: {devices[0].device_kind}' +
+      (f' ({FLAGS.topology}, compile-only)' if FLAGS.compile_only else '') +
       (' (smoke: CPU-sized shapes)' if FLAGS.smoke else '')
   ]
-  for name in FLAGS.sections:
+  for name in names:
     start = time.perf_counter()
     body = sections[name]()
     report.append(f'## {name.capitalize()} ({time.perf_counter() - start:.0f} s)\n\n{body}')
@@ -382,4 +501,13 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  flags.DEFINE_string('output', 'accelerator_report.md', 'Where the Markdown report goes.')
+  flags.DEFINE_bool('smoke', False, 'CPU-sized shapes: checks that the script works.')
+  flags.DEFINE_list(
+      'sections', None, 'Sections to run (default: all; with --compile_only all '
+      'that need no execution).')
+  flags.DEFINE_bool('compile_only', False, 'Compile for --topology instead of running.')
+  flags.DEFINE_string('topology', None,
+                      'With --compile_only: a TPU or GPU topology (llama_jax.aot).')
+  flags.DEFINE_integer('steps', 10, 'Timed train steps per speed row.')
   app.run(main)

@@ -260,9 +260,8 @@ def report(config, topology: str, slices: int, assumed_mfu: float, tokens: float
   print(f'largest arrays on a {unit}: ' +
         ', '.join(f'{shape} {size / GIB:.2f} GiB' for size, shape in hlo.largest_arrays(text, 3)))
   print(f'collectives per step per {unit}: ' +
-        ', '.join(f'{kind} {ops} ops {size / GIB:.2f} GiB'
-                  for kind, (ops, size) in hlo.collectives(text).items()
-                  if ops))
+        (', '.join(f'{kind} {ops} ops {size / GIB:.2f} GiB' for kind,
+                   (ops, size) in hlo.collectives(text).items() if ops) or 'none'))
   print(f'model FLOPs per step {step_flops:.3e} (6N + causal attention)')
   print(f'assuming {assumed_mfu:.0%} MFU of {chip.peak_flops / 1e12:.0f} TFLOP/s dense bf16 per '
         f'{unit} (an assumption, not a measurement): step '

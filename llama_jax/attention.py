@@ -366,14 +366,16 @@ def _splash_kernel(q, k, v, segment_ids, *, block, interpret):
   return heads_first(out)
 
 
-# The Triton kernel's backward blocks (dq and dk/dv, queries and keys alike) by head_dim:
-# the largest that compile, forward and backward, for A100, H100 (sm_90a) and B200 at
-# forward blocks of KERNEL_BLOCK (`python -m benchmarks.triton_blocks`, compile-only). At
-# head_dim 128, 128-wide backward blocks compile for A100 and H100 but need 296,000 bytes
-# of shared memory on a B200 (232,448 there); forward blocks of 256 exceed the shared
-# memory at head_dim 128 on all three. Other head_dims keep the kernel's default, 32.
-# Which is fastest is not known: only a GPU can time them.
-_TRITON_BACKWARD_BLOCK = {64: 128, 128: 64}
+# The Triton kernel's (forward, backward) blocks by (head_dim, bytes per element), backward
+# for dq and dk/dv, queries and keys alike: the largest that compile, forward and backward,
+# for A100, H100 (sm_90a) and B200 (`python -m benchmarks.triton_blocks`, compile-only). In
+# bfloat16 at head_dim 128, 128-wide backward blocks compile for A100 and H100 but need
+# 296,000 bytes of shared memory on a B200 (232,448 there); forward blocks of 256 exceed the
+# shared memory at head_dim 128 on all three. Float32 tiles are twice the bytes: at head_dim
+# 128 forward blocks of 128 ask an H100 for 262,144 bytes, and at head_dim 64 backward
+# blocks of 128 for 263,168. Other shapes keep forward KERNEL_BLOCK and the kernel's default
+# backward 32. Which is fastest is not known: only a GPU can time them.
+_TRITON_BLOCKS = {(64, 2): (128, 128), (128, 2): (128, 64), (64, 4): (128, 64), (128, 4): (64, 64)}
 
 
 def _triton_kernel(q, k, v, segment_ids, *, block, interpret):
@@ -381,8 +383,9 @@ def _triton_kernel(q, k, v, segment_ids, *, block, interpret):
   from jax.experimental.pallas.ops.gpu import attention as gpu_attention
   group = q.shape[2] // k.shape[2]
   k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-  backward = min(_TRITON_BACKWARD_BLOCK.get(q.shape[-1], 32), block)
-  sizes = gpu_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=backward,
+  forward, backward = _TRITON_BLOCKS.get((q.shape[-1], q.dtype.itemsize), (block, 32))
+  forward, backward = min(forward, block), min(backward, block)
+  sizes = gpu_attention.BlockSizes(block_q=forward, block_k=forward, block_q_dkv=backward,
                                    block_kv_dkv=backward, block_q_dq=backward, block_kv_dq=backward)
   return gpu_attention.mha(q, k, v, segment_ids, sm_scale=q.shape[-1]**-0.5, causal=True,
                            block_sizes=sizes, interpret=interpret)
