@@ -27,8 +27,6 @@ from llama_jax import model as model_lib
 
 TOP_LOGPROBS = 5  # alternatives reported per token (OpenAI's largest `logprobs`)
 _SMALLEST_BUCKET = 16
-# vmap axes of one cache row: k and v are [layers, slots, ...], the rest [slots, ...].
-_ROW_AXES = model_lib.KVCache(k=1, v=1, segment_ids=0, index=0)
 
 
 class QueueFull(Exception):
@@ -125,17 +123,10 @@ def _prefill(params, cache, tokens, length, slot, seed, temperature, top_p, *, g
 @functools.partial(jax.jit, static_argnames=('graphdef', 'shardings'), donate_argnames=('cache',))
 def _decode(params, cache, tokens, seeds, counts, temperature, top_p, *, graphdef, shardings):
   """One token for every row: tokens and sampling arguments [slots]; each row attends to its
-  own keys, written at its own index."""
+  own keys, its new ones written at its own index (the cache is updated in place)."""
   model = nnx.merge(graphdef, params)
-
-  def one_row(row, token):  # row.k: [layers, max_len, kv_heads, head_dim]
-    cache = model_lib.KVCache(row.k[:, None], row.v[:, None], row.segment_ids[None], row.index)
-    logits, cache = model(token[None, None], cache=cache)  # position = the row's index
-    return logits[0, 0], model_lib.KVCache(cache.k[:, 0], cache.v[:, 0], cache.segment_ids[0],
-                                           cache.index)
-
-  logits, cache = jax.vmap(one_row, in_axes=(_ROW_AXES, 0), out_axes=(0, _ROW_AXES))(cache, tokens)
-  return _pick(logits, seeds, counts, temperature, top_p), _placed(cache, shardings)
+  logits, cache = model(tokens[:, None], cache=cache)  # [slots, 1, vocab]; positions: the index
+  return _pick(logits[:, 0], seeds, counts, temperature, top_p), _placed(cache, shardings)
 
 
 class Engine:
@@ -151,9 +142,8 @@ class Engine:
     tensor = dict(mesh.shape).get('tensor', 1)
     heads = 'tensor' if tensor > 1 and model.config.kv_heads % tensor == 0 else None
     self._shardings = (NamedSharding(mesh, P(None, None, None, heads)), NamedSharding(mesh, P()))
-    cache = model_lib.KVCache.zeros(model.config, slots, self.max_len)
     self._cache = jax.device_put(
-        dataclasses.replace(cache, index=jnp.zeros((slots,), jnp.int32)),
+        model_lib.KVCache.zeros(model.config, slots, self.max_len),
         model_lib.KVCache(*self._shardings[:1] * 2, *self._shardings[1:] * 2))
     self._active: list[Request | None] = [None] * slots
     # Per row: the last token and the sampling arguments, sent to each decode step.
