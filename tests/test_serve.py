@@ -12,6 +12,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import openai
 import portpicker
 import pytest
@@ -19,6 +20,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llama_jax import train_loop
+from llama_jax.serving import engine as engine_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ['def return', 'alpha beta gamma', 'import', 'class kappa lambda mu 42']
@@ -482,3 +484,21 @@ def test_a_lora_run_on_a_tied_embedding_base_serves_eval_py_greedy_text(
       assert got.choices[0].text == expected
   finally:
     server.stop()
+
+
+@pytest.mark.parametrize('temperature, top_p', [(1.0, 1.0), (0.7, 0.8)])
+def test_sampling_follows_the_tempered_nucleus_distribution(temperature, top_p):
+  """20,000 rows with their own seeds: token frequencies against the formula (softmax of
+  logits / temperature over the smallest set of tokens whose probability reaches top_p)."""
+  rows = 20_000
+  logits = np.log(np.array([0.3, 0.25, 0.2, 0.1, 0.08, 0.04, 0.02, 0.01], np.float32))
+  tokens = engine_lib.sample_rows(np.tile(logits, (rows, 1)), np.arange(rows, dtype=np.int32),
+                                  np.full(rows, 3, np.int32), np.full(rows, temperature,
+                                                                      np.float32),
+                                  np.full(rows, top_p, np.float32))
+  probs = np.exp(logits / temperature) / np.exp(logits / temperature).sum()
+  keep = np.cumsum(probs) - probs < top_p  # sorted already: those before reach top_p only after
+  want = np.where(keep, probs, 0) / probs[keep].sum()
+  got = np.bincount(np.asarray(tokens), minlength=len(logits)) / rows
+  np.testing.assert_allclose(got, want, atol=0.012)
+  assert got[~keep].sum() == 0

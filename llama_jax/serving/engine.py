@@ -83,7 +83,12 @@ def sample_rows(logits, seeds, counts, temperature, top_p):
   scaled = jax.lax.cond(jnp.any(top_p < 1), nucleus, lambda scaled: scaled, scaled)
   keys = jax.vmap(lambda seed, count: jax.random.fold_in(jax.random.key(seed), count))(seeds,
                                                                                        counts)
-  sampled = jax.vmap(jax.random.categorical)(keys, scaled)
+  # Inverse transform sampling: the first token whose cumulative probability passes one uniform
+  # number per row (a Gumbel draw per vocabulary entry costs 4x as much on a CPU).
+  uniform = jax.vmap(jax.random.uniform)(keys)  # [rows] in [0, 1)
+  cumulative = jnp.cumsum(jax.nn.softmax(scaled, axis=-1), axis=-1)  # [rows, vocab]
+  sampled = jnp.minimum(jnp.sum(cumulative <= uniform[:, None] * cumulative[:, -1:], axis=-1),
+                        logits.shape[-1] - 1)
   return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
