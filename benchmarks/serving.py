@@ -30,6 +30,8 @@ flags.DEFINE_integer('slots', 16, "The server's decode slots.")
 flags.DEFINE_integer(
     'baseline_slots', 1, 'Slots of a second server that serves the requests of '
     'the --compare level one at a time (0: none).')
+flags.DEFINE_list('serve_flags', [],
+                  'More serve.py flags for both servers, e.g. --config.model.dtype=float32.')
 flags.DEFINE_integer('compare', 16, 'The level whose requests the one-at-a-time server serves.')
 flags.DEFINE_integer('requests_per_client', 2, 'Requests each client sends, one after another.')
 flags.DEFINE_integer('max_tokens', 32, 'Tokens generated per request.')
@@ -46,7 +48,7 @@ class Server:
     self.port = portpicker.pick_unused_port()
     self.process = subprocess.Popen([
         sys.executable, 'serve.py', f'--workdir={workdir}', f'--port={self.port}',
-        f'--slots={slots}', f'--max_queue={max_queue}'
+        f'--slots={slots}', f'--max_queue={max_queue}', *FLAGS.serve_flags
     ], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     self.client = openai.OpenAI(base_url=f'http://127.0.0.1:{self.port}/v1', api_key='unused',
                                 max_retries=0, timeout=600)
@@ -131,7 +133,7 @@ def main(argv):
       server.stop()
   alone = next((r['tokens_per_s'] for r in rows if r['clients'] == 1), rows[0]['tokens_per_s'])
   print(f'{FLAGS.workdir}: {FLAGS.slots} slots, {FLAGS.max_tokens} tokens per request, '
-        f'{FLAGS.requests_per_client} requests per client')
+        f'{FLAGS.requests_per_client} requests per client {" ".join(FLAGS.serve_flags)}')
   header = ('| clients | requests | tokens/s | vs 1 client | TTFT p50 / p99 (s) '
             '| ITL p50 / p99 (ms) |')
   if baseline:
