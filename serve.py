@@ -70,7 +70,8 @@ def build_server():
   metrics.watch(engine)
   engine.warm_up()
   name = FLAGS.model_name or os.path.basename(FLAGS.workdir.rstrip('/'))
-  server = api.Server(engine, tokenizer, name, metrics, FLAGS.api_key, FLAGS.max_tokens)
+  server = api.Server(engine, tokenizer, name, metrics, FLAGS.api_key, FLAGS.max_tokens,
+                      config.data.chat_template)
   return engine, server, step
 
 

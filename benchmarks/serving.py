@@ -6,8 +6,9 @@ Starts serve.py on the checkpoint (127.0.0.1, a free port), then for each concur
 runs N clients that each stream --requests_per_client completions (sampled, seeded,
 --max_tokens each) one after another, and prints generated tokens/s, time to first token
 and inter-token latency (p50, p99) per level, and tokens/s against the one-at-a-time rate:
-the level 1 run, and (with --baseline_slots) the same requests one at a time on a server
-with that many slots.
+the level 1 run, and (with --baseline_slots) the requests of the largest level served one at
+a time by a server with that many slots, each level's rate divided by it: the comparison
+that says what batching gains.
 """
 
 import concurrent.futures
@@ -27,8 +28,11 @@ flags.DEFINE_string('workdir', 'runs/tiny', 'The checkpoint to serve (train.py q
 flags.DEFINE_list('concurrency', ['1', '4', '16', '64'], 'Concurrent clients per level.')
 flags.DEFINE_integer('slots', 16, "The server's decode slots.")
 flags.DEFINE_integer(
-    'baseline_slots', 1, 'Slots of a second server that serves the level-1 '
-    'requests one at a time (0: none).')
+    'baseline_slots', 1, 'Slots of a second server that serves the requests of '
+    'the --compare level one at a time (0: none).')
+flags.DEFINE_list('serve_flags', [],
+                  'More serve.py flags for both servers, e.g. --config.model.dtype=float32.')
+flags.DEFINE_integer('compare', 16, 'The level whose requests the one-at-a-time server serves.')
 flags.DEFINE_integer('requests_per_client', 2, 'Requests each client sends, one after another.')
 flags.DEFINE_integer('max_tokens', 32, 'Tokens generated per request.')
 FLAGS = flags.FLAGS
@@ -44,7 +48,7 @@ class Server:
     self.port = portpicker.pick_unused_port()
     self.process = subprocess.Popen([
         sys.executable, 'serve.py', f'--workdir={workdir}', f'--port={self.port}',
-        f'--slots={slots}', f'--max_queue={max_queue}'
+        f'--slots={slots}', f'--max_queue={max_queue}', *FLAGS.serve_flags
     ], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     self.client = openai.OpenAI(base_url=f'http://127.0.0.1:{self.port}/v1', api_key='unused',
                                 max_retries=0, timeout=600)
@@ -81,8 +85,9 @@ def one_request(server, index):
   return tokens, arrivals[0] - start, np.diff(arrivals[:-1]).tolist()
 
 
-def level(server, clients: int) -> dict:
-  """N clients, each sending its requests one after another."""
+def level(server, clients: int, one_at_a_time: bool = False) -> dict:
+  """N clients, each sending its requests one after another (or all of their requests sent by
+  one client, one after another)."""
   def client(c):
     return [
         one_request(server, c * FLAGS.requests_per_client + r)
@@ -90,8 +95,11 @@ def level(server, clients: int) -> dict:
     ]
 
   start = time.perf_counter()
-  with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-    results = [row for rows in pool.map(client, range(clients)) for row in rows]
+  if one_at_a_time:
+    results = [row for c in range(clients) for row in client(c)]
+  else:
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+      results = [row for rows in pool.map(client, range(clients)) for row in rows]
   elapsed = time.perf_counter() - start
   ttft = [r[1] for r in results]
   gaps = [g for r in results for g in r[2]] or [0.0]
@@ -108,6 +116,7 @@ def main(argv):
     raise SystemExit(f'no checkpoint in {FLAGS.workdir}; train one first: '
                      f'python train.py --workdir={FLAGS.workdir}')
   levels = [int(n) for n in FLAGS.concurrency]
+  compare = FLAGS.compare if FLAGS.compare in levels else max(levels)
   rows, baseline = [], None
   server = Server(FLAGS.workdir, FLAGS.slots, max(levels))
   try:
@@ -119,12 +128,12 @@ def main(argv):
     server = Server(FLAGS.workdir, FLAGS.baseline_slots, max(levels))
     try:
       level(server, 1)
-      baseline = level(server, 1)
+      baseline = level(server, compare, one_at_a_time=True)
     finally:
       server.stop()
   alone = next((r['tokens_per_s'] for r in rows if r['clients'] == 1), rows[0]['tokens_per_s'])
   print(f'{FLAGS.workdir}: {FLAGS.slots} slots, {FLAGS.max_tokens} tokens per request, '
-        f'{FLAGS.requests_per_client} requests per client')
+        f'{FLAGS.requests_per_client} requests per client {" ".join(FLAGS.serve_flags)}')
   header = ('| clients | requests | tokens/s | vs 1 client | TTFT p50 / p99 (s) '
             '| ITL p50 / p99 (ms) |')
   if baseline:
@@ -139,9 +148,12 @@ def main(argv):
       line += f' {r["tokens_per_s"] / baseline["tokens_per_s"]:.1f}x |'
     print(line)
   if baseline:
-    print(f'one at a time on a {FLAGS.baseline_slots}-slot server: '
-          f'{baseline["tokens_per_s"]:.1f} tokens/s, TTFT p50 {baseline["ttft_p50"]:.2f} s, '
-          f'ITL p50 {1000 * baseline["itl_p50"]:.0f} ms')
+    together = next(r for r in rows if r['clients'] == compare)
+    print(f'the {baseline["requests"]} requests of {compare} clients one at a time on a '
+          f'{FLAGS.baseline_slots}-slot server: {baseline["tokens_per_s"]:.1f} tokens/s, TTFT '
+          f'p50 {baseline["ttft_p50"]:.2f} s, ITL p50 {1000 * baseline["itl_p50"]:.0f} ms; '
+          f'{compare} concurrent clients on the {FLAGS.slots}-slot server: '
+          f'{together["tokens_per_s"] / baseline["tokens_per_s"]:.1f}x that rate')
 
 
 if __name__ == '__main__':

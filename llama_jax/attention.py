@@ -150,10 +150,13 @@ def _whole_sequences(q, k, v, q_segment_ids, kv_segment_ids, implementation, blo
 
 
 def causal_mask(q_len, kv_len, q_offset=0, q_segment_ids=None, kv_segment_ids=None):
-  """Boolean mask [batch or 1, q_len, kv_len]: True where query i may see key j."""
-  q_index = jnp.arange(q_len)[:, None] + q_offset
-  kv_index = jnp.arange(kv_len)[None, :]
-  mask = (kv_index <= q_index)[None]
+  """Boolean mask [batch or 1, q_len, kv_len]: True where query i may see key j.
+
+  q_offset: [] or [batch], the position of each row's first query.
+  """
+  q_index = jnp.arange(q_len)[None, :, None] + jnp.reshape(q_offset, (-1, 1, 1))
+  kv_index = jnp.arange(kv_len)[None, None, :]
+  mask = kv_index <= q_index
   if q_segment_ids is not None:
     mask = mask & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
   return mask

@@ -114,7 +114,7 @@ def test_cached_decoding_matches_full_forward():
     step, cache = model(tokens[:, t:t + 1], cache=cache)
     step_logits.append(step)
   np.testing.assert_allclose(jnp.concatenate(step_logits, axis=1), logits, atol=1e-5)
-  assert int(cache.index) == 12
+  assert cache.index.tolist() == [12, 12]
 
 
 def test_left_padded_decoding_matches_unpadded_forward():

@@ -12,14 +12,31 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import openai
 import portpicker
 import pytest
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llama_jax import train_loop
+from llama_jax.serving import engine as engine_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ['def return', 'alpha beta gamma', 'import', 'class kappa lambda mu 42']
+SPECIALS = [
+    '<|begin_of_text|>', '<|end_of_text|>', '<|start_header_id|>', '<|end_header_id|>', '<|eot_id|>'
+]
+# Llama 3's layout, as Hugging Face ships chat templates (raise_exception on a bad order).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == (1 if messages[0]['role'] == "
+    "'system' else 0)) and message['role'] != 'system' %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+    "{% endif %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 # One device: the server's own mesh (the checkpoint was written by 8).
 ENV = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
 
@@ -63,15 +80,40 @@ class Server:
 
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory, corpus_dirs, small_config):
-  """A small run (256-token context, room to generate) and its data overrides."""
+def hf_tokenizer(tmp_path_factory, corpus_dirs):
+  """(folder, transformers tokenizer): a byte-level BPE tokenizer.json with Llama 3's special
+  tokens and a chat template, trained on the test corpus and saved by transformers."""
+  backend = Tokenizer(models.BPE())
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  backend.decoder = decoders.ByteLevel()
+  texts = []
+  for root, _, files in os.walk(corpus_dirs[0]):
+    texts += [open(os.path.join(root, name), encoding='utf-8').read() for name in files]
+  backend.train_from_iterator(
+      texts,
+      trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
+                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=SPECIALS[0],
+                                            eos_token=SPECIALS[1],
+                                            additional_special_tokens=SPECIALS[2:])
+  hf.chat_template = CHAT_TEMPLATE
+  folder = str(tmp_path_factory.mktemp('tokenizer'))
+  hf.save_pretrained(folder)
+  return folder, hf
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory, corpus_dirs, small_config, hf_tokenizer):
+  """A small run (256-token context, room to generate) with the chat tokenizer."""
   text_dir, data_dir = corpus_dirs
   workdir = str(tmp_path_factory.mktemp('run'))
-  config = small_config(text_dir, data_dir, **{
-      'model.max_seq_len': 256,
-      'train.steps': 12,
-      'train.eval_every': 0
-  })
+  config = small_config(
+      text_dir, data_dir, **{
+          'model.max_seq_len': 256,
+          'train.steps': 12,
+          'train.eval_every': 0,
+          'data.tokenizer': hf_tokenizer[0]
+      })
   train_loop.train(config, workdir)
   return workdir
 
@@ -124,7 +166,7 @@ def test_concurrent_requests_complete_and_seeded_ones_equal_served_alone(server,
         pool.map(lambda i: client.completions.create(model=model, **_settings(i)), range(32)))
   for i, response in enumerate(together):
     assert response.choices[0].finish_reason in ('stop', 'length')
-    assert 0 < response.usage.completion_tokens <= _settings(i)['max_tokens']
+    assert 0 <= response.usage.completion_tokens <= _settings(i)['max_tokens']  # EOS may be first
   alone = [client.completions.create(model=model, **_settings(i)) for i in range(32)]
   assert [r.choices[0].text for r in alone] == [r.choices[0].text for r in together]
   assert len({r.choices[0].text for r in together}) > 16  # the settings did change the text
@@ -175,12 +217,123 @@ def test_stop_strings_cut_the_text(server, workdir):
   assert ''.join(c.choices[0].text for c in streamed) == cut.choices[0].text
 
 
-def _post(server, body, client=httpx, timeout_s=30, **headers):
+def _post(server, body, client=httpx, timeout_s=30, path='completions', **headers):
   content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-  return client.post(f'{server.url}/v1/completions', content=content, timeout=timeout_s, headers={
+  return client.post(f'{server.url}/v1/{path}', content=content, timeout=timeout_s, headers={
       'content-type': 'application/json',
       **headers
   })
+
+
+CONVERSATIONS = [
+    [{
+        'role': 'user',
+        'content': 'alpha beta gamma'
+    }],
+    [{
+        'role': 'system',
+        'content': 'def return'
+    }, {
+        'role': 'user',
+        'content': 'class kappa'
+    }, {
+        'role': 'assistant',
+        'content': 'import 42 '
+    }, {
+        'role': 'user',
+        'content': ' lambda mu'
+    }],
+]
+
+
+def test_chat_renders_the_template_as_transformers_does(server, workdir, hf_tokenizer):
+  client, model, hf = server.client(), os.path.basename(workdir), hf_tokenizer[1]
+  for messages in CONVERSATIONS:
+    encoded = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    ids = list(encoded['input_ids'] if hasattr(encoded, 'keys') else encoded)
+    want = client.completions.create(model=model, prompt=ids, max_tokens=24, temperature=0)
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=24,
+                                           temperature=0)
+    assert reply.object == 'chat.completion' and reply.choices[0].message.role == 'assistant'
+    assert reply.choices[0].message.content == want.choices[0].text
+    assert reply.choices[0].finish_reason == want.choices[0].finish_reason
+    assert reply.usage.prompt_tokens == len(ids)
+    assert reply.usage.completion_tokens == want.usage.completion_tokens > 0
+    chunks = list(
+        client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0,
+                                       stream=True, stream_options={'include_usage': True}))
+    assert {c.object for c in chunks} == {'chat.completion.chunk'}
+    assert chunks[0].choices[0].delta.role == 'assistant'
+    text = ''.join(c.choices[0].delta.content or '' for c in chunks if c.choices)
+    assert text == reply.choices[0].message.content
+    assert chunks[-2].choices[0].finish_reason == reply.choices[0].finish_reason
+    assert chunks[-1].usage.prompt_tokens == len(ids)
+
+
+def test_bad_chat_requests_get_openai_errors(server, workdir):
+  model = os.path.basename(workdir)
+  good = dict(model=model, messages=CONVERSATIONS[0], max_tokens=4)
+  bad = [
+      ({
+          'model': model
+      }, 'messages'),
+      ({
+          **good, 'messages': 'hi'
+      }, 'messages'),
+      ({
+          **good, 'messages': []
+      }, 'messages'),
+      ({
+          **good, 'messages': ['hi']
+      }, 'messages'),
+      ({
+          **good, 'messages': [{
+              'role': 'bot',
+              'content': 'hi'
+          }]
+      }, 'messages'),
+      ({
+          **good, 'messages': [{
+              'role': 'user'
+          }]
+      }, 'messages'),
+      ({
+          **good, 'messages': [{
+              'role': 'user',
+              'content': 5
+          }]
+      }, 'messages'),
+      ({
+          **good, 'messages': [{
+              'role': 'assistant',
+              'content': 'a'
+          }, {
+              'role': 'user',
+              'content': 'b'
+          }]
+      }, 'messages'),  # the template's own raise_exception
+      ({
+          **good, 'max_tokens': 0
+      }, 'max_tokens'),
+      ({
+          **good, 'model': 'gpt-4'
+      }, 'model'),
+      ({
+          **good, 'logprobs': True
+      }, 'logprobs'),
+  ]
+  for body, param in bad:
+    response = _post(server, body, path='chat/completions')
+    assert response.status_code == 400, body
+    error = response.json()['error']
+    assert error['type'] == 'invalid_request_error' and error['message'].endswith('.'), error
+    assert error['param'] == param, body
+  with pytest.raises(openai.BadRequestError, match="unknown role 'bot'"):
+    server.client().chat.completions.create(model=model, messages=[{
+        'role': 'bot',
+        'content': 'hi'
+    }])
+  assert _post(server, good, path='chat/completions').json()['usage']['completion_tokens'] > 0
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, workdir):
@@ -307,3 +460,45 @@ def test_a_client_that_gives_up_on_a_plain_request_frees_its_slot(server, workdi
     time.sleep(0.05)
   assert server.metric('llama_slots_busy') == 0
   assert server.metric('llama_generated_tokens_total') - before < 240
+
+
+def test_a_lora_run_on_a_tied_embedding_base_serves_eval_py_greedy_text(
+    corpus_dirs, small_config, hf_tokenizer, tmp_path):
+  """Base + adapters restored as eval.py restores them, and the output projection being the
+  embedding table (Llama 3.2): one short run covers both."""
+  text_dir, data_dir = corpus_dirs
+  tied = {'model.tie_embeddings': True, 'train.eval_every': 0, 'data.tokenizer': hf_tokenizer[0]}
+  base, adapted = str(tmp_path / 'base'), str(tmp_path / 'lora')
+  train_loop.train(small_config(text_dir, data_dir, **tied, **{'train.steps': 4}), base)
+  config = small_config(text_dir, data_dir, **tied, **{'train.steps': 4})
+  config.model.lora.update(dict(rank=4, alpha=8.0, targets=('wq', 'wv', 'w2')))
+  config.optim.learning_rate = 1e-2
+  config.checkpoint.init_params = base
+  train_loop.train(config, adapted)
+  want = eval_py_generations(adapted, PROMPTS, 24)
+  server = Server(adapted, tmp_path / 'serve.txt', '--slots=2')
+  try:
+    client = server.client()
+    for prompt, expected in zip(PROMPTS, want):
+      got = client.completions.create(model='lora', prompt=prompt, max_tokens=24, temperature=0)
+      assert got.choices[0].text == expected
+  finally:
+    server.stop()
+
+
+@pytest.mark.parametrize('temperature, top_p', [(1.0, 1.0), (0.7, 0.8)])
+def test_sampling_follows_the_tempered_nucleus_distribution(temperature, top_p):
+  """20,000 rows with their own seeds: token frequencies against the formula (softmax of
+  logits / temperature over the smallest set of tokens whose probability reaches top_p)."""
+  rows = 20_000
+  logits = np.log(np.array([0.3, 0.25, 0.2, 0.1, 0.08, 0.04, 0.02, 0.01], np.float32))
+  tokens = engine_lib.sample_rows(np.tile(logits, (rows, 1)), np.arange(rows, dtype=np.int32),
+                                  np.full(rows, 3, np.int32), np.full(rows, temperature,
+                                                                      np.float32),
+                                  np.full(rows, top_p, np.float32))
+  probs = np.exp(logits / temperature) / np.exp(logits / temperature).sum()
+  keep = np.cumsum(probs) - probs < top_p  # sorted already: those before reach top_p only after
+  want = np.where(keep, probs, 0) / probs[keep].sum()
+  got = np.bincount(np.asarray(tokens), minlength=len(logits)) / rows
+  np.testing.assert_allclose(got, want, atol=0.012)
+  assert got[~keep].sum() == 0

@@ -1,8 +1,10 @@
 """The OpenAI-compatible HTTP layer (Starlette): requests in, engine Requests out.
 
-POST /v1/completions (streamed as server-sent events when asked), GET /v1/models, /health
-and /metrics. Every request error is an OpenAI-style body {"error": {"message", "type",
-"param", "code"}} with its status, and the server goes on serving.
+POST /v1/completions and /v1/chat/completions (conversations through the tokenizer's chat
+template, as `transformers`' apply_chat_template renders them), both streamed as server-sent
+events when asked; GET /v1/models, /health and /metrics. Every request error is an
+OpenAI-style body {"error": {"message", "type", "param", "code"}} with its status, and the
+server goes on serving.
 """
 
 import asyncio
@@ -18,6 +20,8 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from llama_jax.data import chat
+from llama_jax.errors import UserError
 from llama_jax.serving import engine as engine_lib
 from llama_jax.serving.text import TextStream
 
@@ -69,9 +73,11 @@ def _prompt_ids(body: dict, tokenizer) -> list[int]:
 class Server:
   """The routes over one engine, tokenizer and model name."""
   def __init__(self, engine, tokenizer, model_name: str, metrics, api_key: str = '',
-               max_tokens_cap: int = 1024):
+               max_tokens_cap: int = 1024, chat_template: str = ''):
+    """chat_template: a built-in template's name (data.chat_template), '' for the tokenizer's."""
     self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
     self.metrics, self.api_key, self.max_tokens_cap = metrics, api_key, max_tokens_cap
+    self.chat_template = chat_template
     self.created = int(time.time())
 
   def app(self) -> Starlette:
@@ -81,6 +87,7 @@ class Server:
             Route('/metrics', self.prometheus),
             Route('/v1/models', self.models),
             Route('/v1/completions', self.completions, methods=['POST']),
+            Route('/v1/chat/completions', self.chat_completions, methods=['POST']),
         ])
 
   async def health(self, _):
@@ -107,17 +114,24 @@ class Server:
         }))
 
   async def completions(self, http: HttpRequest):
+    return await self._serve(http, 'completions', self._completion_request)
+
+  async def chat_completions(self, http: HttpRequest):
+    return await self._serve(http, 'chat_completions', self._chat_request)
+
+  async def _serve(self, http: HttpRequest, endpoint: str, parse):
+    """Checks and queues the request `parse` reads from the body, then answers it."""
     try:
       self._authorize(http)
       body = await self._json(http)
-      request, text, options = self._completion_request(body)
+      request, text, options = parse(body)
       events = self._submit(request)
     except BadRequest as error:
       headers = {'Retry-After': str(RETRY_AFTER_S)} if error.status == 429 else None
-      return self._answer('completions', error_response(error, headers))
+      return self._answer(endpoint, error_response(error, headers))
     if options['stream']:
       return self._answer(
-          'completions',
+          endpoint,
           StreamingResponse(self._stream(request, events, text, options),
                             media_type='text/event-stream'))
     pieces, logprobs = [], _Logprobs(self.tokenizer, options['logprobs'])
@@ -125,37 +139,39 @@ class Server:
     try:
       while reason is None:
         if await http.is_disconnected():  # nobody is waiting for the answer: free the slot
-          return self._answer('completions', Response(status_code=499))
+          return self._answer(endpoint, Response(status_code=499))
         pieces, reason = await self._next(request, events, text, logprobs, pieces)
     finally:  # also when the server gives up on this request at shutdown
       request.cancelled.set()
     if reason == 'error':
       return self._answer(
-          'completions',
+          endpoint,
           error_response(BadRequest('generation failed on the server.', None, 500, 'server_error')))
-    choice = {
-        'text': ''.join(pieces),
-        'index': 0,
-        'logprobs': logprobs.body(),
-        'finish_reason': reason
-    }
-    return self._answer('completions',
+    if options['chat']:
+      choice = {'message': {'role': 'assistant', 'content': ''.join(pieces)}, 'logprobs': None}
+    else:
+      choice = {'text': ''.join(pieces), 'logprobs': logprobs.body()}
+    choice = {'index': 0, **choice, 'finish_reason': reason}
+    return self._answer(endpoint,
                         JSONResponse(self._envelope(options, [choice], usage=self._usage(request))))
 
   async def _stream(self, request, events, text, options):
-    """Server-sent events: one chunk per piece of text, the finish reason, [DONE]."""
+    """Server-sent events: one chunk per piece of text, the finish reason, [DONE] (a chat
+    stream starts with the assistant's role, as OpenAI's does)."""
     logprobs = _Logprobs(self.tokenizer, options['logprobs'])
     reason = None
     try:
+      if options['chat']:
+        delta = {'role': 'assistant', 'content': ''}
+        yield _sse(self._envelope(options, [_chunk_choice(options, delta, None, None)]))
       while reason is None:
         pieces, reason = await self._next(request, events, text, logprobs, [])
         if pieces or reason:
-          choice = {
-              'text': ''.join(pieces),
-              'index': 0,
-              'logprobs': logprobs.take(),
-              'finish_reason': reason if reason != 'error' else 'stop'
-          }
+          piece, finish = ''.join(pieces), reason if reason != 'error' else 'stop'
+          if options['chat']:
+            choice = _chunk_choice(options, {'content': piece} if piece else {}, None, finish)
+          else:
+            choice = _chunk_choice(options, piece, logprobs.take(), finish)
           yield _sse(self._envelope(options, [choice]))
       if options['include_usage']:
         yield _sse(self._envelope(options, [], usage=self._usage(request)))
@@ -194,12 +210,45 @@ class Server:
     return body
 
   def _completion_request(self, body: dict):
+    self._check_model(body)
+    prompt = _prompt_ids(body, self.tokenizer)
+    if _field(body, 'echo', (bool,), False):
+      raise BadRequest("'echo' is not supported.", 'echo')
+    logprobs = _field(body, 'logprobs', (int,), None)
+    if logprobs is not None and not 0 <= logprobs <= engine_lib.TOP_LOGPROBS:
+      raise BadRequest(f"'logprobs' must be between 0 and {engine_lib.TOP_LOGPROBS}.", 'logprobs')
+    max_tokens = _field(body, 'max_tokens', (int,), 16)
+    return self._generation_request(body, prompt, max_tokens, dict(chat=False, logprobs=logprobs))
+
+  def _chat_request(self, body: dict):
+    self._check_model(body)
+    messages = _field(body, 'messages', (list,), required=True)
+    if not messages or not all(isinstance(m, dict) for m in messages):
+      raise BadRequest("'messages' must be a non-empty list of {\"role\", \"content\"} objects.",
+                       'messages')
+    if _field(body, 'logprobs', (bool,), False):
+      raise BadRequest("'logprobs' is not supported for chat; use /v1/completions.", 'logprobs')
+    try:
+      prompt, _ = chat.render(self.tokenizer, [{
+          'role': m.get('role'),
+          'content': m.get('content')
+      } for m in messages], template_name=self.chat_template, add_generation_prompt=True)
+    except UserError as error:
+      raise BadRequest(str(error), 'messages') from None
+    # max_completion_tokens is the newer name of max_tokens.
+    max_tokens = _field(body, 'max_completion_tokens', (int,), None)
+    max_tokens = _field(body, 'max_tokens', (int,), 16) if max_tokens is None else max_tokens
+    return self._generation_request(body, prompt, max_tokens, dict(chat=True, logprobs=None))
+
+  def _check_model(self, body: dict):
     model = _field(body, 'model', (str,), required=True)
     if model != self.model_name:
       raise BadRequest(f"model '{model}' is not served here; use '{self.model_name}'.", 'model',
                        code='model_not_found')
-    prompt = _prompt_ids(body, self.tokenizer)
-    max_tokens = _field(body, 'max_tokens', (int,), 16)
+
+  def _generation_request(self, body: dict, prompt: list[int], max_tokens: int, options: dict):
+    """The engine Request, its TextStream and the answer's options, from the fields that
+    both endpoints share."""
     if not 1 <= max_tokens <= self.max_tokens_cap:
       raise BadRequest(f"'max_tokens' must be between 1 and {self.max_tokens_cap}.", 'max_tokens')
     if len(prompt) + max_tokens > self.engine.max_len:
@@ -215,25 +264,20 @@ class Server:
       raise BadRequest("'top_p' must be above 0 and at most 1.", 'top_p')
     if _field(body, 'n', (int,), 1) != 1:
       raise BadRequest("only 'n' = 1 is served; send several requests instead.", 'n')
-    if _field(body, 'echo', (bool,), False):
-      raise BadRequest("'echo' is not supported.", 'echo')
     stop = _field(body, 'stop', (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
     if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
       raise BadRequest("'stop' must be a string or a list of at most 4 non-empty strings.", 'stop')
     seed = _field(body, 'seed', (int,), None)
-    logprobs = _field(body, 'logprobs', (int,), None)
-    if logprobs is not None and not 0 <= logprobs <= engine_lib.TOP_LOGPROBS:
-      raise BadRequest(f"'logprobs' must be between 0 and {engine_lib.TOP_LOGPROBS}.", 'logprobs')
     stream = _field(body, 'stream', (bool,), False)
     stream_options = _field(body, 'stream_options', (dict,), {})
     request = engine_lib.Request(prompt, max_tokens, deliver=None, temperature=temperature,
                                  top_p=top_p,
                                  seed=(random.randrange(2**31) if seed is None else seed % 2**31),
                                  stop_ids=self.tokenizer.stop_ids)
-    options = dict(stream=stream, logprobs=logprobs,
-                   include_usage=bool(stream_options.get('include_usage')),
-                   id=f'cmpl-{uuid.uuid4().hex}', created=int(time.time()))
+    options = dict(options, stream=stream, include_usage=bool(stream_options.get('include_usage')),
+                   id=f'{"chatcmpl" if options["chat"] else "cmpl"}-{uuid.uuid4().hex}',
+                   created=int(time.time()))
     return request, TextStream(self.tokenizer, stop), options
 
   def _submit(self, request) -> asyncio.Queue:
@@ -250,7 +294,8 @@ class Server:
   def _envelope(self, options, choices, usage=None) -> dict:
     body = {
         'id': options['id'],
-        'object': 'text_completion',
+        'object': ('chat.completion' if options['chat'] else 'text_completion') +
+                  ('.chunk' if options['stream'] and options['chat'] else ''),
         'created': options['created'],
         'model': self.model_name,
         'choices': choices
@@ -309,6 +354,13 @@ class _Logprobs:
 async def _route_error(_, error: HTTPException) -> JSONResponse:
   """An unknown path or method, in the same error body as every other error."""
   return error_response(BadRequest(f'{error.detail}.', status=error.status_code))
+
+
+def _chunk_choice(options, content, logprobs, finish_reason) -> dict:
+  """A streamed choice: a chat `delta`, or a completion's text and logprobs."""
+  if options['chat']:
+    return {'index': 0, 'delta': content, 'logprobs': None, 'finish_reason': finish_reason}
+  return {'text': content, 'index': 0, 'logprobs': logprobs, 'finish_reason': finish_reason}
 
 
 def _sse(payload: dict) -> str:

@@ -27,8 +27,6 @@ from llama_jax import model as model_lib
 
 TOP_LOGPROBS = 5  # alternatives reported per token (OpenAI's largest `logprobs`)
 _SMALLEST_BUCKET = 16
-# vmap axes of one cache row: k and v are [layers, slots, ...], the rest [slots, ...].
-_ROW_AXES = model_lib.KVCache(k=1, v=1, segment_ids=0, index=0)
 
 
 class QueueFull(Exception):
@@ -72,16 +70,25 @@ def sample_rows(logits, seeds, counts, temperature, top_p):
   """Next token per row [rows] from float32 logits [rows, vocab], each row with its own
   temperature (0: greedy), top_p and key: key(seed) folded with the token's index `count`."""
   scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-  sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
-  cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-  # The smallest set of tokens whose probability reaches top_p (always at least one).
-  cutoff_index = jnp.minimum(jnp.sum(cumulative < top_p[:, None], axis=-1, keepdims=True),
-                             logits.shape[-1] - 1)
-  cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
-  scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
+
+  def nucleus(scaled):  # the smallest set of tokens whose probability reaches top_p (>= 1)
+    sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    cutoff_index = jnp.minimum(jnp.sum(cumulative < top_p[:, None], axis=-1, keepdims=True),
+                               logits.shape[-1] - 1)
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+    return jnp.where(scaled < cutoff, -jnp.inf, scaled)
+
+  # The sort is most of a small model's step on a CPU: skipped when no row asks for top_p.
+  scaled = jax.lax.cond(jnp.any(top_p < 1), nucleus, lambda scaled: scaled, scaled)
   keys = jax.vmap(lambda seed, count: jax.random.fold_in(jax.random.key(seed), count))(seeds,
                                                                                        counts)
-  sampled = jax.vmap(jax.random.categorical)(keys, scaled)
+  # Inverse transform sampling: the first token whose cumulative probability passes one uniform
+  # number per row (a Gumbel draw per vocabulary entry costs 4x as much on a CPU).
+  uniform = jax.vmap(jax.random.uniform)(keys)  # [rows] in [0, 1)
+  cumulative = jnp.cumsum(jax.nn.softmax(scaled, axis=-1), axis=-1)  # [rows, vocab]
+  sampled = jnp.minimum(jnp.sum(cumulative <= uniform[:, None] * cumulative[:, -1:], axis=-1),
+                        logits.shape[-1] - 1)
   return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
@@ -122,20 +129,22 @@ def _prefill(params, cache, tokens, length, slot, seed, temperature, top_p, *, g
   return picked, _placed(cache, shardings)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'shardings'), donate_argnames=('cache',))
-def _decode(params, cache, tokens, seeds, counts, temperature, top_p, *, graphdef, shardings):
+@functools.partial(jax.jit, static_argnames=('graphdef', 'shardings', 'window'),
+                   donate_argnames=('cache',))
+def _decode(params, cache, tokens, seeds, counts, temperature, top_p, *, graphdef, shardings,
+            window):
   """One token for every row: tokens and sampling arguments [slots]; each row attends to its
-  own keys, written at its own index."""
+  own keys, its new ones written at its own index. Only the first `window` positions of the
+  cache (a bucket holding every busy row) are read and written, in place."""
   model = nnx.merge(graphdef, params)
-
-  def one_row(row, token):  # row.k: [layers, max_len, kv_heads, head_dim]
-    cache = model_lib.KVCache(row.k[:, None], row.v[:, None], row.segment_ids[None], row.index)
-    logits, cache = model(token[None, None], cache=cache)  # position = the row's index
-    return logits[0, 0], model_lib.KVCache(cache.k[:, 0], cache.v[:, 0], cache.segment_ids[0],
-                                           cache.index)
-
-  logits, cache = jax.vmap(one_row, in_axes=(_ROW_AXES, 0), out_axes=(0, _ROW_AXES))(cache, tokens)
-  return _pick(logits, seeds, counts, temperature, top_p), _placed(cache, shardings)
+  view = model_lib.KVCache(cache.k[:, :, :window], cache.v[:, :, :window],
+                           cache.segment_ids[:, :window], cache.index)
+  logits, view = model(tokens[:, None], cache=view)  # [slots, 1, vocab]; positions: the index
+  cache = model_lib.KVCache(
+      jax.lax.dynamic_update_slice(cache.k, view.k, (0,) * 5),
+      jax.lax.dynamic_update_slice(cache.v, view.v, (0,) * 5),
+      jax.lax.dynamic_update_slice(cache.segment_ids, view.segment_ids, (0, 0)), view.index)
+  return _pick(logits[:, 0], seeds, counts, temperature, top_p), _placed(cache, shardings)
 
 
 class Engine:
@@ -151,9 +160,8 @@ class Engine:
     tensor = dict(mesh.shape).get('tensor', 1)
     heads = 'tensor' if tensor > 1 and model.config.kv_heads % tensor == 0 else None
     self._shardings = (NamedSharding(mesh, P(None, None, None, heads)), NamedSharding(mesh, P()))
-    cache = model_lib.KVCache.zeros(model.config, slots, self.max_len)
     self._cache = jax.device_put(
-        dataclasses.replace(cache, index=jnp.zeros((slots,), jnp.int32)),
+        model_lib.KVCache.zeros(model.config, slots, self.max_len),
         model_lib.KVCache(*self._shardings[:1] * 2, *self._shardings[1:] * 2))
     self._active: list[Request | None] = [None] * slots
     # Per row: the last token and the sampling arguments, sent to each decode step.
@@ -196,15 +204,15 @@ class Engine:
       self._wakeup.notify()
 
   def warm_up(self):
-    """Compiles the decode step and every prefill bucket before the first request."""
+    """Compiles every prefill and decode bucket before the first request."""
     length = _SMALLEST_BUCKET
     while True:
       padded = bucket(length, self.max_len)
       self._prefill_into(0, Request([0] * padded, 0, lambda event: None))
+      self._step(window=padded)
       if padded == self.max_len:
         break
       length = padded * 2
-    self._step()
 
   def _run(self):
     while True:
@@ -255,12 +263,14 @@ class Engine:
       self.metrics.time_to_first_token.observe(time.monotonic() - request.submitted)
     self._advance(slot, *(value[0] for value in picked))
 
-  def _step(self):
+  def _step(self, window: int | None = None):
     counts = np.array([r.generated if r else 0 for r in self._active], np.int32)
+    if window is None:  # positions to read: the busy rows' tokens so far and the new one
+      window = bucket(max(len(r.prompt) + r.generated for r in self._active if r), self.max_len)
     start = time.monotonic()
     picked, self._cache = _decode(self.params, self._cache, self._tokens, self._seeds, counts,
                                   self._temperature, self._top_p, graphdef=self.graphdef,
-                                  shardings=self._shardings)
+                                  shardings=self._shardings, window=window)
     picked = jax.device_get(picked)
     busy = 0
     for slot, request in enumerate(self._active):
