@@ -43,9 +43,24 @@ class Request:  # what the harness hands a model: an Instance's args
     self.args = args
 
 
+@nnx.jit
+def _full_forward(model, tokens):
+  return model(tokens)[0]
+
+
+def naive_logits(model, tokens):
+  """[len(tokens), vocab] logits of one forward pass over the whole sequence, no cache. Run
+  padded on the right to the model's length (one compile): a causal model's logits at a
+  position do not depend on what follows it."""
+  length = model.config.max_seq_len
+  padded = np.zeros((1, length), np.int32)
+  padded[0, :len(tokens)] = tokens
+  return np.asarray(_full_forward(model, padded)[0, :len(tokens)], np.float64)
+
+
 def naive_scores(model, tokens, start):
-  """log p(tokens[start:] | tokens[:start]) and greedy, from one unpadded forward pass."""
-  logits = np.asarray(model(np.array([tokens[:-1]]))[0][0], np.float64)
+  """log p(tokens[start:] | tokens[:start]) and greedy, from one forward pass."""
+  logits = naive_logits(model, tokens[:-1])
   top = logits.max(-1, keepdims=True)
   logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
   positions = range(start, len(tokens))
@@ -116,7 +131,7 @@ def test_rolling_loglikelihood_scores_every_token_once(model, tokenizer):
 def naive_greedy(model, tokenizer, prompt, new_tokens):
   tokens = [tokenizer.bos_id] + tokenizer.encode(prompt)
   for _ in range(new_tokens):
-    logits = np.asarray(model(np.array([tokens]))[0][0, -1])
+    logits = naive_logits(model, tokens)[-1]
     tokens.append(int(logits.argmax()))
     if tokens[-1] == tokenizer.eos_id:
       break
