@@ -37,6 +37,7 @@ def test_every_entry_point_names_a_mistyped_key(entry_point):
 
 
 SYNTAX_ERROR = 'def get_config(:\n  pass\n'
+TRAIN_DEFAULT = 'configs/tiny.py'  # train.py's --config default
 
 
 @pytest.mark.parametrize('args,message', [
@@ -55,10 +56,21 @@ SYNTAX_ERROR = 'def get_config(:\n  pass\n'
     (['--config={tmp}/broken.py'
      ], 'error: --config={tmp}/broken.py: syntax error at line 1 (invalid syntax)'),
 ])
-def test_config_mistakes_are_one_line_and_exit_2(args, message, tmp_path):
+def test_config_mistakes_are_one_line(args, message, tmp_path, monkeypatch):
+  """The check train.py runs before absl parses (`config_flag.run` prints the sentence and
+  exits 2, as the entry-point tests above and below see through the real command line)."""
+  monkeypatch.chdir(REPO)
   (tmp_path / 'broken.py').write_text(SYNTAX_ERROR)
   args = [arg.format(tmp=tmp_path) for arg in args]
-  assert run('train.py', f'--workdir={tmp_path}/run', *args) == (2, message.format(tmp=tmp_path))
+  with pytest.raises(UserError) as error:
+    config_flag.check_command_line(['train.py', f'--workdir={tmp_path}/run', *args], TRAIN_DEFAULT)
+  assert f'error: {error.value}' == message.format(tmp=tmp_path)
+
+
+def test_a_config_file_mistake_through_train_py_is_one_line_and_exit_2(tmp_path):
+  (tmp_path / 'broken.py').write_text(SYNTAX_ERROR)
+  assert run('train.py', f'--workdir={tmp_path}/run', f'--config={tmp_path}/broken.py') == (
+      2, f'error: --config={tmp_path}/broken.py: syntax error at line 1 (invalid syntax)')
   assert not os.path.exists(tmp_path / 'run')
 
 

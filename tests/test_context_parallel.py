@@ -81,10 +81,10 @@ def single_device():
                         jax.devices()[:1])
 
 
-CASES = [(implementation, mode, sizes)
-         for implementation in ('reference', 'blockwise')
-         for mode in context_parallel.MODES
-         for sizes in MESHES]
+# Every implementation x mode, and each mode on every mesh (12 combinations cost minutes).
+CASES = [('reference', 'all_gather', MESHES[1]), ('reference', 'ring', MESHES[2]),
+         ('blockwise', 'all_gather', MESHES[0]), ('blockwise', 'ring', MESHES[0]),
+         ('blockwise', 'ring', MESHES[1]), ('blockwise', 'all_gather', MESHES[2])]
 
 
 @pytest.mark.parametrize('implementation,mode,sizes', [
@@ -153,7 +153,7 @@ def test_attention_flops_per_chip_stay_within_the_whole_sequence_s_over_the_chip
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('sizes', MESHES)
+@pytest.mark.parametrize('sizes', [MESHES[0], MESHES[2]])  # 4 and 2 sequence shards
 def test_splash_attends_each_chip_s_own_queries_in_interpret_mode(sizes):
   """The TPU kernel (Pallas' interpreter) with q_seq_shards over `sequence`: output and
   gradients of the laid-out sequence equal the reference's on the natural one."""
