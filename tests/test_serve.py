@@ -17,6 +17,8 @@ import openai
 import portpicker
 import pytest
 import transformers
+from test_chat import HF_TEMPLATE as CHAT_TEMPLATE
+from test_chat import SPECIALS
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llama_jax import train_loop
@@ -24,19 +26,6 @@ from llama_jax.serving import engine as engine_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ['def return', 'alpha beta gamma', 'import', 'class kappa lambda mu 42']
-SPECIALS = [
-    '<|begin_of_text|>', '<|end_of_text|>', '<|start_header_id|>', '<|end_header_id|>', '<|eot_id|>'
-]
-# Llama 3's layout, as Hugging Face ships chat templates (raise_exception on a bad order).
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == (1 if messages[0]['role'] == "
-    "'system' else 0)) and message['role'] != 'system' %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
-    "{% endif %}"
-    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
-    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 # One device: the server's own mesh (the checkpoint was written by 8).
 ENV = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
 
