@@ -28,6 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from llama_jax import cpu_products
 from llama_jax import sharding as sharding_lib
 from llama_jax.errors import ConfigError
 
@@ -176,12 +177,13 @@ def reference_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_offs
   q = q.reshape(batch, kv_heads, group * q_len, head_dim)
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, kv_len, head_dim]
   # scores: [batch, kv_heads, group * q_len, kv_len]
-  scores = jnp.einsum('bkqh,bksh->bkqs', q, k, preferred_element_type=jnp.float32)
+  scores = cpu_products.einsum('bkqh,bksh->bkqs', q, k, preferred_element_type=jnp.float32)
   scores = scores * head_dim**-0.5
   mask = causal_mask(q_len, kv_len, q_offset, q_segment_ids, kv_segment_ids)
   scores = jnp.where(jnp.tile(mask, (1, group, 1))[:, None], scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum('bkqs,bksh->bkqh', probs, v)  # [batch, kv_heads, group * q_len, head_dim]
+  # out: [batch, kv_heads, group * q_len, head_dim]
+  out = cpu_products.einsum('bkqs,bksh->bkqh', probs, v)
   out = out.reshape(batch, kv_heads, group, q_len, head_dim).transpose(0, 3, 1, 2, 4)
   return out.reshape(batch, q_len, heads, head_dim)
 

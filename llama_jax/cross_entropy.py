@@ -56,7 +56,9 @@ def _chunk_losses(x, w, targets, weights, z_loss):
   dlogits = (weights * (1 + 2 * z_loss * log_z))[..., None] * softmax
   dlogits = dlogits - weights[..., None] * jax.nn.one_hot(targets, w.shape[1], dtype=jnp.float32)
   dlogits = dlogits.astype(x.dtype)
-  dx = jnp.matmul(dlogits, w.T).reshape(shape)
+  # On CPU a float32 result is XLA:CPU's fast bfloat16 product (cpu_products.py).
+  dx_type = jnp.float32 if compute_platform() == 'cpu' else None
+  dx = jnp.matmul(dlogits, w.T, preferred_element_type=dx_type).astype(x.dtype).reshape(shape)
   tokens = tuple(range(x.ndim - 1))
   dw = jnp.tensordot(x, dlogits, axes=(tokens, tokens), preferred_element_type=jnp.float32)
   return loss_sum, nll_sum, dx, dw

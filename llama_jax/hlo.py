@@ -175,3 +175,22 @@ def dot_flops(hlo_text: str) -> int:
     return total
 
   return flops('ENTRY')
+
+
+def dot_types(hlo_text: str) -> list[tuple[str, str, str]]:
+  """(lhs, rhs, result) element types of every dot, e.g. ('bf16', 'bf16', 'f32'); reads
+  optimized HLO and the unoptimized text of `lowered.as_text(dialect='hlo')` alike."""
+  types, dots = {}, []  # instruction name -> its result type; the dots' regex matches
+  for line in hlo_text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if match:
+      types[match.group(1)] = match.group(2)
+      if match.group(3) == 'dot':
+        dots.append(match)
+  element = lambda type_text: _ARRAY.search(type_text).group(1)
+  operand = re.compile(r'(?:(\w+\[[0-9,]*\])\S* )?%?([\w.\-]+)')
+  return [
+      tuple(element(inline or types[name])
+            for inline, name in operand.findall(match.group(4))[:2]) + (element(match.group(2)),)
+      for match in dots
+  ]

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax import attention as attention_lib
+from llama_jax import cpu_products
 from llama_jax import lora as lora_lib
 from llama_jax import rope
 from llama_jax.errors import ConfigError
@@ -184,13 +185,14 @@ def project(x, w, contract: int = 1, out_dtype=None):
   On TPU and GPU one dot_general over the unflattened axes, so a length axis split over
   `sequence` stays split; flattening [batch, length] there costs all-to-alls and memory
   (docs/model.md). On CPU one 2-D matmul [batch * length, in] @ [in, out]: XLA:CPU's
-  backward of the batched form transposes activations inside fusions (1.4x slower).
+  backward of the batched form transposes activations inside fusions (1.4x slower); in
+  bfloat16 its products, forward and backward, accumulate in float32 (cpu_products.py).
   """
   if compute_platform() != 'cpu':
     return jnp.tensordot(x, w, axes=contract, preferred_element_type=out_dtype)
   lead, inner, outer = x.shape[:-contract], x.shape[-contract:], w.shape[contract:]
-  y = jnp.matmul(x.reshape(math.prod(lead), math.prod(inner)), w.reshape(math.prod(inner), -1),
-                 preferred_element_type=out_dtype)
+  y = cpu_products.einsum('ti,io->to', x.reshape(math.prod(lead), math.prod(inner)),
+                          w.reshape(math.prod(inner), -1), preferred_element_type=out_dtype)
   return y.reshape(*lead, *outer)
 
 
