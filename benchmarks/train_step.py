@@ -11,6 +11,7 @@ Times the real jitted train step (compile excluded) on random tokens, on all dev
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
@@ -39,6 +40,48 @@ def random_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) 
   return batch_of(
       np.random.default_rng(seed).integers(0, vocab_size, (batch_size, seq_len + 1),
                                            dtype=np.int32))
+
+
+# /proc/cpuinfo flags of the CPU matrix extensions that XLA:CPU's bfloat16 kernels use.
+MATRIX_EXTENSIONS = (('amx_bf16', 'AMX'), ('avx512_bf16', 'AVX-512 BF16'))
+
+
+def cpu_matrix_extensions(cpuinfo: str = '/proc/cpuinfo') -> str:
+  """The CPU's matrix extensions, e.g. 'AMX, AVX-512 BF16'; 'no AMX or AVX-512 BF16' if none."""
+  try:
+    with open(cpuinfo) as f:
+      flags = set(next((line for line in f if line.startswith('flags')), '').split())
+  except OSError:
+    return 'matrix extensions unknown'
+  found = [name for flag, name in MATRIX_EXTENSIONS if flag in flags]
+  return ', '.join(found) or 'no ' + ' or '.join(name for _, name in MATRIX_EXTENSIONS)
+
+
+def _product_flops_per_s(dtype, out_dtype, size: int, repeats: int) -> float:
+  """FLOP/s of the jitted [size, size] @ [size, size] product, best of `repeats`."""
+  a = jnp.ones((size, size), dtype)
+  product = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=out_dtype))
+  product(a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    product(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best
+
+
+def matmul_limit(precision: str, size: int = 2048, repeats: int = 5) -> tuple[float, str]:
+  """(FLOP/s, which product) of the fastest matmul this device offers at `precision`:
+  float32 x float32, or bfloat16 x bfloat16 returning bfloat16 or float32, whichever is
+  faster (XLA:CPU's fast bfloat16 kernels return float32; docs/cpu_bfloat16.md)."""
+  if precision == 'float32':
+    return _product_flops_per_s(jnp.float32, jnp.float32, size, repeats), 'float32'
+  products = {
+      f'{precision} -> {result}': _product_flops_per_s(precision, result, size, repeats)
+      for result in (precision, 'float32')
+  }
+  name = max(products, key=products.get)
+  return products[name], name
 
 
 def measure(config, devices, timed_steps: int) -> dict:
@@ -95,7 +138,9 @@ def main(argv):
   result = measure(config, devices, FLAGS.steps)
   built = result['built']
   model_config = built.model_config
-  print(f'device: {len(devices)} x {devices[0].device_kind}; mesh {dict(built.mesh.shape)}')
+  extensions = f' ({cpu_matrix_extensions()})' if devices[0].platform == 'cpu' else ''
+  print(f'device: {len(devices)} x {devices[0].device_kind}{extensions}; mesh '
+        f'{dict(built.mesh.shape)}')
   print(f'model: {built.n_params:,} params, dtype {model_config.dtype}, remat '
         f'{model_config.remat}, attention {model_config.attention}; batch '
         f'{config.train.batch_size} x {config.train.seq_len}')
@@ -103,6 +148,10 @@ def main(argv):
   print(f'compile: {result["compile_s"]:.1f}s  step: {result["step_s"] * 1e3:.1f}ms  '
         f'tokens/s: {result["tokens_per_s"]:,.0f}  TFLOP/s/device: '
         f'{result["tflops_per_device"]:.3f}  MFU: {mfu}')
+  if devices[0].platform == 'cpu':  # no known peak: the fastest product at this precision
+    limit, product = matmul_limit(model_config.dtype)
+    print(f'matmul limit: {limit / 1e12:.3f} TFLOP/s ({product}, 2048 x 2048); the step reaches '
+          f'{result["tflops_per_device"] * 1e12 / limit:.0%} of it')
   print(f'memory per device: {result["compiled_gib"]:.2f} GiB compiled' +
         (f', {result["peak_gib"]:.2f} GiB allocator peak' if result['peak_gib'] else ''))
 

@@ -88,3 +88,12 @@ def test_bfloat16_loss_and_gradients_stay_close_to_float32():
                                jax.tree.leaves(want_grads)):
     error = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert error < 0.03, (jax.tree_util.keystr(path), error)
+
+
+def test_benchmarks_name_the_cpu_matrix_extensions(tmp_path):
+  from benchmarks import train_step
+  cpuinfo = tmp_path / 'cpuinfo'
+  cpuinfo.write_text('processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n')
+  assert train_step.cpu_matrix_extensions(str(cpuinfo)) == 'AMX, AVX-512 BF16'
+  cpuinfo.write_text('flags\t\t: fpu avx2 avx512f\n')
+  assert train_step.cpu_matrix_extensions(str(cpuinfo)) == 'no AMX or AVX-512 BF16'
