@@ -75,6 +75,8 @@ def loss_and_grads(model, params, batch):
   return jax.jit(jax.value_and_grad(mean_loss))(params)
 
 
+# Two compiles (33 s on the loaded 2-core machine); the VJP formulas are checked cheaply above.
+@pytest.mark.slow
 def test_bfloat16_loss_and_gradients_stay_close_to_float32():
   """Same float32 parameters, bfloat16 compute: one rounding of 2^-9 (relative) per cast, a
   few dozen casts deep in this 2-layer model: about 1% seen (float32 products or not); a lost
