@@ -54,9 +54,10 @@ def _computations(hlo_text: str) -> dict[str, list[str]]:
   return computations
 
 
-def _trip_count(while_line: str, condition: list[str]) -> int:
+def _trip_count(while_line: str, condition: list[str]) -> int | None:
   """Iterations of a while loop: XLA's known trip count, else the constant that the
-  condition's root compares the counter with."""
+  condition's root compares the counter with; None if the condition compares with none
+  (a bound computed at run time)."""
   known = re.search(r'"known_trip_count":\{"n":"(\d+)"', while_line)
   if known:
     return int(known.group(1))
@@ -70,7 +71,7 @@ def _trip_count(while_line: str, condition: list[str]) -> int:
     if match and line.lstrip().startswith('ROOT'):
       root = match.group(4)
   operands = re.findall(r'%([\w.\-]+)', (root or '').split(')')[0])
-  return max((constants[name] for name in operands if name in constants), default=1)
+  return max((constants[name] for name in operands if name in constants), default=None)
 
 
 def _executions(computations: dict[str, list[str]]) -> dict[str, int]:
@@ -81,7 +82,7 @@ def _executions(computations: dict[str, list[str]]) -> dict[str, int]:
     for line in lines:
       loop = re.search(r'condition=%?([\w.\-]+), body=%?([\w.\-]+)', line)
       if loop:
-        found = [(loop.group(2), _trip_count(line, computations.get(loop.group(1), [])))]
+        found = [(loop.group(2), _trip_count(line, computations.get(loop.group(1), [])) or 1)]
       else:
         found = [(callee, 1) for callee in re.findall(
             r'(?:calls|to_apply|branch_computations|true_computation|false_computation)='
@@ -134,7 +135,10 @@ def _dims(type_text: str) -> list[int]:
 
 def dot_flops(hlo_text: str) -> int:
   """Matmul FLOPs per chip per execution: 2 x output elements x contracted size of every
-  dot, loops counted by their trip count, a conditional by its costliest branch."""
+  dot, loops counted by their trip count, a conditional by its costliest branch.
+
+  Raises ValueError for a loop with dots whose trip count is not in the HLO (a bound
+  computed at run time): its FLOPs cannot be known from the program."""
   computations = _computations(hlo_text)
   shapes = {}  # instruction name -> its result type
   for lines in computations.values():
@@ -164,7 +168,12 @@ def dot_flops(hlo_text: str) -> int:
       branches = re.search(r'branch_computations=\{([^}]*)\}', rest) or re.search(
           r'true_computation=(%?[\w.\-]+), false_computation=(%?[\w.\-]+)', rest)
       if loop:
-        total += _trip_count(line, computations.get(loop.group(1), [])) * flops(loop.group(2))
+        body_flops = flops(loop.group(2))
+        trips = _trip_count(line, computations.get(loop.group(1), []))
+        if trips is None and body_flops:
+          raise ValueError(f'the while loop {match.group(1)} has matmuls and no trip count in the '
+                           'HLO (its bound is computed at run time)')
+        total += (trips or 0) * body_flops
       elif branches:
         names = ','.join(branches.groups()).split(',')
         total += max(flops(name.strip().lstrip('%')) for name in names)
