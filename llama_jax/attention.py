@@ -266,9 +266,9 @@ def _flash_forward(q, k, v, q_seg, kv_seg, causal=True):
   batch, n_blocks, block, kv_heads, group, head_dim = q.shape
   rows, cols = _visible_pairs(n_blocks, k.shape[1], causal)
   stats_shape = (batch, kv_heads, group, block)
-  fresh = (jnp.zeros(stats_shape + (head_dim,),
-                     jnp.float32), jnp.full(stats_shape, _MASKED,
-                                            jnp.float32), jnp.zeros(stats_shape, jnp.float32))
+  fresh_acc = jnp.zeros(stats_shape + (head_dim,), jnp.float32)
+  fresh_max = jnp.full(stats_shape, _MASKED, jnp.float32)
+  fresh = (fresh_acc, fresh_max, jnp.zeros(stats_shape, jnp.float32))  # acc, row max, row sum
 
   def pair(p, carry):
     out, lse, state = carry
@@ -291,12 +291,9 @@ def _flash_forward(q, k, v, q_seg, kv_seg, causal=True):
                                               out_i.transpose(0, 3, 1, 2, 4).astype(q.dtype), i, 1)
     return out, jax.lax.dynamic_update_index_in_dim(lse, lse_i, i, 1), (acc, new_max, row_sum)
 
-  # out: [batch, n_blocks, block, kv_heads, group, head_dim]; lse: [batch, n_blocks, kv_heads,
-  # group, block]
-  init = (jnp.zeros(q.shape,
-                    q.dtype), jnp.full((batch, n_blocks) + stats_shape[1:], jnp.inf,
-                                       jnp.float32), fresh)
-  out, lse, _ = jax.lax.fori_loop(0, len(rows), pair, init)
+  out = jnp.zeros(q.shape, q.dtype)  # [batch, n_blocks, block, kv_heads, group, head_dim]
+  lse = jnp.full((batch, n_blocks, kv_heads, group, block), jnp.inf, jnp.float32)
+  out, lse, _ = jax.lax.fori_loop(0, len(rows), pair, (out, lse, fresh))
   return out, (q, k, v, q_seg, kv_seg, out, lse)
 
 
