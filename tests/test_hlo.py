@@ -48,3 +48,19 @@ def test_dot_flops_count_loops_by_trip_count_and_refuse_a_bound_known_at_run_tim
   text = jax.jit(dynamic).lower(x, 3).compile().as_text()
   with pytest.raises(ValueError, match='no trip count'):
     hlo.dot_flops(text)
+
+
+def test_dot_flops_read_the_convolutions_a_tpu_writes_matmuls_as():
+  """libtpu, compile only: a matmul and a batched einsum (batch dimensions become spatial
+  ones with holes) count exactly their 2 x multiply-adds."""
+  from llama_jax import aot
+  device = jax.sharding.SingleDeviceSharding(aot.topology_devices('v5p-8')[1][0])
+  shapes = [(64, 256), (256, 512), (4, 64, 3, 32), (4, 128, 3, 32)]
+
+  def matmuls(x, w, q, k):
+    return x @ w, jnp.einsum('bqhd,bkhd->bhqk', q, k)
+
+  text = jax.jit(matmuls, in_shardings=(device,) * 4).lower(
+      *[jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in shapes]).compile().as_text()
+  assert ' convolution(' in text
+  assert hlo.dot_flops(text) == 2 * 64 * 256 * 512 + 2 * 4 * 3 * 64 * 128 * 32
