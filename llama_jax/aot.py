@@ -262,6 +262,11 @@ def report(config, topology: str, slices: int, assumed_mfu: float, tokens: float
   print(f'collectives per step per {unit}: ' +
         (', '.join(f'{kind} {ops} ops {size / GIB:.2f} GiB' for kind,
                    (ops, size) in hlo.collectives(text).items() if ops) or 'none'))
+  try:  # (kernels that are custom calls, such as splash, hide their matmuls)
+    print(f'matmul FLOPs per step per {unit}, compiled HLO (loops by trip count, custom '
+          f'calls not seen): {hlo.dot_flops(text):.3e}')
+  except ValueError as error:
+    print(f'matmul FLOPs per step per {unit}: not known from the HLO: {error}')
   print(f'model FLOPs per step {step_flops:.3e} (6N + causal attention)')
   print(f'assuming {assumed_mfu:.0%} MFU of {chip.peak_flops / 1e12:.0f} TFLOP/s dense bf16 per '
         f'{unit} (an assumption, not a measurement): step '

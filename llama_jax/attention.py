@@ -27,6 +27,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llama_jax import cpu_products
 from llama_jax import sharding as sharding_lib
@@ -239,44 +240,62 @@ def _flash(q, k, v, q_seg, kv_seg):
   return _flash_forward(q, k, v, q_seg, kv_seg)[0]
 
 
+def _visible_pairs(n_blocks, n_kv_blocks, causal):
+  """(query block, key block) of every pair that may hold a visible score, query-major:
+  causal, key blocks 0..i of query block i; else all. Static int32 arrays, so a loop over
+  them has a trip count XLA knows (and `llama_jax.hlo` counts)."""
+  i, j = np.meshgrid(np.arange(n_blocks), np.arange(n_kv_blocks), indexing='ij')
+  visible = j <= i if causal else np.ones_like(i, bool)
+  return jnp.asarray(i[visible], jnp.int32), jnp.asarray(j[visible], jnp.int32)
+
+
+def _block(x, i):  # x[:, i]: block i of [batch, blocks, ...]
+  return jax.lax.dynamic_index_in_dim(x, i, 1, keepdims=False)
+
+
+def _add_to_block(x, i, update):  # x[:, i] += update
+  return jax.lax.dynamic_update_index_in_dim(x, _block(x, i) + update, i, 1)
+
+
 def _flash_forward(q, k, v, q_seg, kv_seg, causal=True):
   """Also the building block of context parallelism (context_parallel.py), which visits
-  other chips' keys with causal=False: every query block then sees every key block."""
+  other chips' keys with causal=False: every query block then sees every key block.
+
+  One loop over the visible (query block, key block) pairs, query-major: the online
+  softmax state of the current query block starts afresh at its key block 0, and its
+  output so far is written after every pair (the last write, after its last key block,
+  is the final one)."""
   batch, n_blocks, block, kv_heads, group, head_dim = q.shape
-  n_kv_blocks = k.shape[1]
+  rows, cols = _visible_pairs(n_blocks, k.shape[1], causal)
+  stats_shape = (batch, kv_heads, group, block)
+  fresh_acc = jnp.zeros(stats_shape + (head_dim,), jnp.float32)
+  fresh_max = jnp.full(stats_shape, _MASKED, jnp.float32)
+  fresh = (fresh_acc, fresh_max, jnp.zeros(stats_shape, jnp.float32))  # acc, row max, row sum
 
-  def query_block(i):
-    q_i = q[:, i]  # [batch, block, kv_heads, group, head_dim]
-
-    def key_block(j, carry):
-      acc, row_max, row_sum = carry
-      scores = jnp.einsum('bqkgh,bskh->bkgqs', q_i, k[:, j],
-                          preferred_element_type=jnp.float32) * head_dim**-0.5
-      mask = _block_mask(i, j, q_seg[:, i], kv_seg[:, j], causal)
-      scores = jnp.where(mask, scores, _MASKED)
-      new_max = jnp.maximum(row_max, scores.max(-1))
-      probs = jnp.where(mask, jnp.exp(scores - new_max[..., None]), 0.0)
-      correction = jnp.exp(row_max - new_max)
-      row_sum = row_sum * correction + probs.sum(-1)
-      acc = acc * correction[..., None] + jnp.einsum('bkgqs,bskh->bkgqh', probs.astype(v.dtype),
-                                                     v[:, j], preferred_element_type=jnp.float32)
-      return acc, new_max, row_sum
-
-    stats_shape = (batch, kv_heads, group, block)
-    init = (jnp.zeros(stats_shape + (head_dim,),
-                      jnp.float32), jnp.full(stats_shape, _MASKED,
-                                             jnp.float32), jnp.zeros(stats_shape, jnp.float32))
-    # Causal: query block i needs key blocks 0..i only.
-    acc, row_max, row_sum = jax.lax.fori_loop(0, i + 1 if causal else n_kv_blocks, key_block, init)
-    out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]
+  def pair(p, carry):
+    out, lse, state = carry
+    i, j = rows[p], cols[p]
+    acc, row_max, row_sum = jax.tree.map(lambda x, init: jnp.where(j == 0, init, x), state, fresh)
+    scores = jnp.einsum('bqkgh,bskh->bkgqs', _block(q, i), _block(k, j),
+                        preferred_element_type=jnp.float32) * head_dim**-0.5
+    mask = _block_mask(i, j, _block(q_seg, i), _block(kv_seg, j), causal)
+    scores = jnp.where(mask, scores, _MASKED)
+    new_max = jnp.maximum(row_max, scores.max(-1))
+    probs = jnp.where(mask, jnp.exp(scores - new_max[..., None]), 0.0)
+    correction = jnp.exp(row_max - new_max)
+    row_sum = row_sum * correction + probs.sum(-1)
+    acc = acc * correction[..., None] + jnp.einsum('bkgqs,bskh->bkgqh', probs.astype(v.dtype),
+                                                   _block(v, j), preferred_element_type=jnp.float32)
+    out_i = acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]
     # Rows that see no key at all (padding) get lse=+inf, so their probabilities are 0.
-    lse = jnp.where(row_sum > 0, row_max + jnp.log(row_sum), jnp.inf)
-    return out.transpose(0, 3, 1, 2, 4).astype(q.dtype), lse
+    lse_i = jnp.where(row_sum > 0, new_max + jnp.log(row_sum), jnp.inf)
+    out = jax.lax.dynamic_update_index_in_dim(out,
+                                              out_i.transpose(0, 3, 1, 2, 4).astype(q.dtype), i, 1)
+    return out, jax.lax.dynamic_update_index_in_dim(lse, lse_i, i, 1), (acc, new_max, row_sum)
 
-  out, lse = jax.lax.map(query_block, jnp.arange(n_blocks))
-  # out: [n_blocks, batch, block, kv_heads, group, head_dim] -> batch first.
-  out = jnp.moveaxis(out, 0, 1)
-  lse = jnp.moveaxis(lse, 0, 1)  # [batch, n_blocks, kv_heads, group, block]
+  out = jnp.zeros(q.shape, q.dtype)  # [batch, n_blocks, block, kv_heads, group, head_dim]
+  lse = jnp.full((batch, n_blocks, kv_heads, group, block), jnp.inf, jnp.float32)
+  out, lse, _ = jax.lax.fori_loop(0, len(rows), pair, (out, lse, fresh))
   return out, (q, k, v, q_seg, kv_seg, out, lse)
 
 
@@ -287,45 +306,41 @@ def _flash_backward(residuals, d_out):
 
 
 def _flash_grads(residuals, d_out, causal=True):
-  """Float32 (d_q, d_k, d_v); out and lse may be those of a longer row (context_parallel.py)."""
+  """Float32 (d_q, d_k, d_v); out and lse may be those of a longer row (context_parallel.py).
+
+  One loop over the visible pairs: each recomputes its probabilities once and adds to the
+  gradients of its query block and of its key and value blocks."""
   q, k, v, q_seg, kv_seg, out, lse = residuals
-  n_blocks, n_kv_blocks, head_dim = q.shape[1], k.shape[1], q.shape[-1]
-  scale = head_dim**-0.5
+  rows, cols = _visible_pairs(q.shape[1], k.shape[1], causal)
+  scale = q.shape[-1]**-0.5
   # delta_i = sum_h dO * O: [batch, n_blocks, kv_heads, group, block]
   delta = jnp.einsum('bnqkgh,bnqkgh->bnkgq', d_out.astype(jnp.float32), out.astype(jnp.float32))
 
-  def grads_of_pair(i, j):
-    probs = _block_probs(q[:, i], k[:, j], i, j, q_seg[:, i], kv_seg[:, j], lse[:, i], causal)
-    d_probs = jnp.einsum('bqkgh,bskh->bkgqs', d_out[:, i], v[:, j],
+  def pair(p, grads):
+    d_q, d_k, d_v = grads
+    i, j = rows[p], cols[p]
+    q_i, k_j, d_out_i = _block(q, i), _block(k, j), _block(d_out, i)
+    probs = _block_probs(q_i, k_j, i, j, _block(q_seg, i), _block(kv_seg, j), _block(lse, i),
+                         causal)
+    d_probs = jnp.einsum('bqkgh,bskh->bkgqs', d_out_i, _block(v, j),
                          preferred_element_type=jnp.float32)
-    d_scores = probs * (d_probs - delta[:, i][..., None]) * scale
-    return probs, d_scores
+    d_scores = probs * (d_probs - _block(delta, i)[..., None]) * scale
+    d_q = _add_to_block(
+        d_q, i,
+        jnp.einsum('bkgqs,bskh->bqkgh', d_scores.astype(k.dtype), k_j,
+                   preferred_element_type=jnp.float32))
+    d_k = _add_to_block(
+        d_k, j,
+        jnp.einsum('bkgqs,bqkgh->bskh', d_scores.astype(q.dtype), q_i,
+                   preferred_element_type=jnp.float32))
+    d_v = _add_to_block(
+        d_v, j,
+        jnp.einsum('bkgqs,bqkgh->bskh', probs.astype(d_out.dtype), d_out_i,
+                   preferred_element_type=jnp.float32))
+    return d_q, d_k, d_v
 
-  def query_grad(i):
-    def key_block(j, d_q):
-      _, d_scores = grads_of_pair(i, j)
-      return d_q + jnp.einsum('bkgqs,bskh->bqkgh', d_scores.astype(k.dtype), k[:, j],
-                              preferred_element_type=jnp.float32)
-
-    return jax.lax.fori_loop(0, i + 1 if causal else n_kv_blocks, key_block,
-                             jnp.zeros(q[:, i].shape, jnp.float32))
-
-  def key_value_grad(j):
-    def query_block(i, carry):
-      d_k, d_v = carry
-      probs, d_scores = grads_of_pair(i, j)
-      d_v = d_v + jnp.einsum('bkgqs,bqkgh->bskh', probs.astype(d_out.dtype), d_out[:, i],
-                             preferred_element_type=jnp.float32)
-      d_k = d_k + jnp.einsum('bkgqs,bqkgh->bskh', d_scores.astype(q.dtype), q[:, i],
-                             preferred_element_type=jnp.float32)
-      return d_k, d_v
-
-    zeros = jnp.zeros(k[:, j].shape, jnp.float32)
-    return jax.lax.fori_loop(j if causal else 0, n_blocks, query_block, (zeros, zeros))
-
-  d_q = jnp.moveaxis(jax.lax.map(query_grad, jnp.arange(n_blocks)), 0, 1)
-  d_k, d_v = jax.lax.map(key_value_grad, jnp.arange(n_kv_blocks))
-  return d_q, jnp.moveaxis(d_k, 0, 1), jnp.moveaxis(d_v, 0, 1)
+  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+  return jax.lax.fori_loop(0, len(rows), pair, (zeros(q), zeros(k), zeros(v)))
 
 
 _flash.defvjp(_flash_forward, _flash_backward)

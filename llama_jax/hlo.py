@@ -8,6 +8,8 @@ what crosses the interconnect per step (an op inside a loop counts once per iter
 import math
 import re
 
+import numpy as np
+
 _BYTES = {
     'pred': 1,
     's8': 1,
@@ -54,9 +56,10 @@ def _computations(hlo_text: str) -> dict[str, list[str]]:
   return computations
 
 
-def _trip_count(while_line: str, condition: list[str]) -> int:
+def _trip_count(while_line: str, condition: list[str]) -> int | None:
   """Iterations of a while loop: XLA's known trip count, else the constant that the
-  condition's root compares the counter with."""
+  condition's root compares the counter with; None if the condition compares with none
+  (a bound computed at run time)."""
   known = re.search(r'"known_trip_count":\{"n":"(\d+)"', while_line)
   if known:
     return int(known.group(1))
@@ -70,7 +73,7 @@ def _trip_count(while_line: str, condition: list[str]) -> int:
     if match and line.lstrip().startswith('ROOT'):
       root = match.group(4)
   operands = re.findall(r'%([\w.\-]+)', (root or '').split(')')[0])
-  return max((constants[name] for name in operands if name in constants), default=1)
+  return max((constants[name] for name in operands if name in constants), default=None)
 
 
 def _executions(computations: dict[str, list[str]]) -> dict[str, int]:
@@ -81,7 +84,7 @@ def _executions(computations: dict[str, list[str]]) -> dict[str, int]:
     for line in lines:
       loop = re.search(r'condition=%?([\w.\-]+), body=%?([\w.\-]+)', line)
       if loop:
-        found = [(loop.group(2), _trip_count(line, computations.get(loop.group(1), [])))]
+        found = [(loop.group(2), _trip_count(line, computations.get(loop.group(1), [])) or 1)]
       else:
         found = [(callee, 1) for callee in re.findall(
             r'(?:calls|to_apply|branch_computations|true_computation|false_computation)='
@@ -132,9 +135,52 @@ def _dims(type_text: str) -> list[int]:
   return [int(d) for d in match.group(2).split(',') if d] if match else []
 
 
+def _spatial_taps(size, window, stride, pad_low, pad_high, lhs_dilate, rhs_dilate) -> int:
+  """Window taps that land on an input element (not padding, not a hole of `lhs_dilate`),
+  summed over the output positions of one spatial dimension."""
+  dilated = (size - 1) * lhs_dilate + 1
+  outputs = (dilated + pad_low + pad_high - (window - 1) * rhs_dilate - 1) // stride + 1
+  at = (np.arange(outputs)[:, None] * stride + np.arange(window)[None, :] * rhs_dilate - pad_low)
+  return int(((at >= 0) & (at < dilated) & (at % lhs_dilate == 0)).sum())
+
+
+def _convolution_flops(result: str, convolution: str, shapes: dict[str, str]) -> int:
+  """2 x the multiply-adds of a convolution: per output position, the kernel's input
+  features x the window taps that land on input elements. (The TPU compiler writes every
+  matmul as a convolution; a batched one's batch dimensions become spatial ones whose
+  padding or `lhs_dilate` holes leave one tap per output position.)"""
+  lhs_name, kernel_name = re.findall(r'%([\w.\-]+)', convolution.split(')')[0])[:2]
+  lhs_labels, kernel_labels, out_labels = re.search(r'dim_labels=(\w+)_(\w+)->(\w+)',
+                                                    convolution).groups()
+  lhs_dims, kernel_dims = _dims(shapes[lhs_name]), _dims(shapes[kernel_name])
+  out_dims = _dims(result)
+  window = re.search(r'window=\{([^}]*)\}', convolution)
+  fields = dict(item.split('=') for item in window.group(1).split()) if window else {}
+  spatial = sorted(label for label in out_labels if label.isdigit())
+
+  def field(key, default):  # one value per spatial dimension
+    return fields.get(key, 'x'.join([default] * len(spatial))).split('x')
+
+  taps = 1
+  for label, stride, pad, lhs_dilate, rhs_dilate in zip(spatial, field('stride', '1'),
+                                                        field('pad', '0_0'),
+                                                        field('lhs_dilate', '1'),
+                                                        field('rhs_dilate', '1')):
+    taps *= _spatial_taps(lhs_dims[lhs_labels.index(label)],
+                          kernel_dims[kernel_labels.index(label)], int(stride),
+                          *map(int, pad.split('_')), int(lhs_dilate), int(rhs_dilate))
+  positions = math.prod(out_dims[out_labels.index(label)] for label in spatial)
+  others = math.prod(out_dims) // max(positions, 1)  # batch x output features
+  return 2 * others * kernel_dims[kernel_labels.index('i')] * taps
+
+
 def dot_flops(hlo_text: str) -> int:
   """Matmul FLOPs per chip per execution: 2 x output elements x contracted size of every
-  dot, loops counted by their trip count, a conditional by its costliest branch."""
+  dot (or convolution), loops counted by their trip count, a conditional by its costliest
+  branch.
+
+  Raises ValueError for a loop with dots whose trip count is not in the HLO (a bound
+  computed at run time): its FLOPs cannot be known from the program."""
   computations = _computations(hlo_text)
   shapes = {}  # instruction name -> its result type
   for lines in computations.values():
@@ -160,11 +206,18 @@ def dot_flops(hlo_text: str) -> int:
         lhs_dims = _dims(shapes[lhs])
         size = math.prod(lhs_dims[int(d)] for d in contracting.split(',') if d)
         total += 2 * math.prod(_dims(match.group(2))) * size
+      elif op == 'convolution':  # (TPUs write every matmul as one)
+        total += _convolution_flops(match.group(2), rest, shapes)
       loop = re.search(r'condition=%?([\w.\-]+), body=%?([\w.\-]+)', rest)
       branches = re.search(r'branch_computations=\{([^}]*)\}', rest) or re.search(
           r'true_computation=(%?[\w.\-]+), false_computation=(%?[\w.\-]+)', rest)
       if loop:
-        total += _trip_count(line, computations.get(loop.group(1), [])) * flops(loop.group(2))
+        body_flops = flops(loop.group(2))
+        trips = _trip_count(line, computations.get(loop.group(1), []))
+        if trips is None and body_flops:
+          raise ValueError(f'the while loop {match.group(1)} has matmuls and no trip count in the '
+                           'HLO (its bound is computed at run time)')
+        total += (trips or 0) * body_flops
       elif branches:
         names = ','.join(branches.groups()).split(',')
         total += max(flops(name.strip().lstrip('%')) for name in names)

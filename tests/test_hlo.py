@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import pytest
 from jax.sharding import PartitionSpec as P
 
 from llama_jax import hlo
@@ -29,3 +30,37 @@ def test_collectives_count_every_loop_iteration():
 def test_largest_arrays():
   text = jax.jit(lambda x: jnp.outer(x, x).sum()).lower(jnp.ones(300)).compile().as_text()
   assert hlo.largest_arrays(text, 1) == [(300 * 300 * 4, 'f32[300,300]')]
+
+
+def test_dot_flops_count_loops_by_trip_count_and_refuse_a_bound_known_at_run_time():
+  x = jnp.ones((16, 32))
+  w = jnp.ones((32, 32))
+
+  def static(x):  # 3 iterations of a [16, 32] x [32, 32] matmul
+    return jax.lax.fori_loop(0, 3, lambda i, x: x @ w, x)
+
+  text = jax.jit(static).lower(x).compile().as_text()
+  assert hlo.dot_flops(text) == 3 * 2 * 16 * 32 * 32
+
+  def dynamic(x, n):  # n iterations, n known at run time only
+    return jax.lax.fori_loop(0, n, lambda i, x: x @ w, x)
+
+  text = jax.jit(dynamic).lower(x, 3).compile().as_text()
+  with pytest.raises(ValueError, match='no trip count'):
+    hlo.dot_flops(text)
+
+
+def test_dot_flops_read_the_convolutions_a_tpu_writes_matmuls_as():
+  """libtpu, compile only: a matmul and a batched einsum (batch dimensions become spatial
+  ones with holes) count exactly their 2 x multiply-adds."""
+  from llama_jax import aot
+  device = jax.sharding.SingleDeviceSharding(aot.topology_devices('v5p-8')[1][0])
+  shapes = [(64, 256), (256, 512), (4, 64, 3, 32), (4, 128, 3, 32)]
+
+  def matmuls(x, w, q, k):
+    return x @ w, jnp.einsum('bqhd,bkhd->bhqk', q, k)
+
+  text = jax.jit(matmuls, in_shardings=(device,) * 4).lower(
+      *[jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in shapes]).compile().as_text()
+  assert ' convolution(' in text
+  assert hlo.dot_flops(text) == 2 * 64 * 256 * 512 + 2 * 4 * 3 * 64 * 128 * 32
