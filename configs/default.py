@@ -85,6 +85,7 @@ def get_config():
   optim.weight_decay = 0.1  # decoupled weight decay (never on norm scales)
   optim.decay_embeddings = True  # also decay the embedding and output matrices
   optim.clip_norm = 1.0  # global gradient-norm clipping
+  optim.state_dtype = 'float32'  # Adam moments stored as: float32 | bfloat16 (docs/memory.md)
 
   config.data = data = ml_collections.ConfigDict()
   data.name = 'builtin_text'  # a TFDS name ('c4/en:3.1.0'), builtin_text, or prepared:FOLDER

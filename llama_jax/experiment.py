@@ -77,6 +77,14 @@ def validate(config, mesh_sizes: dict, platform: str) -> model_lib.ModelConfig:
       f'model.context_parallel=ring passes partial softmax statistics between chips, which '
       f'model.attention={model_config.attention} cannot return; use model.attention=blockwise '
       'or model.context_parallel=all_gather.')
+  optim_config = config.optim
+  check(optim_config.state_dtype in optim.STATE_DTYPES,
+        f'optim.state_dtype is {optim_config.state_dtype!r}; use float32 or bfloat16.')
+  check(
+      optim_config.state_dtype == 'float32' or optim_config.b2 <= optim.BFLOAT16_MAX_B2,
+      f'optim.b2={optim_config.b2} moves the second moment by less than one bfloat16 spacing a '
+      f'step, so optim.state_dtype=bfloat16 would round its updates away; use b2 <= '
+      f'{optim.BFLOAT16_MAX_B2:.4f} or optim.state_dtype=float32.')
   for key, heads in (('n_heads', model_config.n_heads), ('n_kv_heads', model_config.kv_heads)):
     check(heads % mesh_sizes['tensor'] == 0,
           f'model.{key} ({heads}) must be divisible by mesh.tensor ({mesh_sizes["tensor"]}).')
