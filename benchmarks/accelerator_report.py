@@ -44,7 +44,7 @@ from flax import nnx
 
 from benchmarks import attention as attention_benchmark
 from benchmarks import train_step as train_step_benchmark
-from llama_jax import aot, generate, steps
+from llama_jax import aot, generate
 from llama_jax import attention as attention_lib
 from llama_jax import experiment as experiment_lib
 from llama_jax import model as model_lib
@@ -155,7 +155,7 @@ def check_train_step(plan: Plan) -> list:
   results = []
   for devices in (jax.devices()[:1], cpus):
     built = experiment_lib.build(config, devices)
-    state = steps.create_sharded_state(0, built.model_config, built.optimizer, built.shardings)
+    state = built.create_state(0)
     batch = train_step_benchmark.random_batch(built.model_config.vocab_size,
                                               config.train.batch_size, config.train.seq_len)
     _, metrics = built.train_step(state, jax.device_put(batch, built.batch_sharding))

@@ -63,6 +63,7 @@ def get_config():
   train.steps = 250_000  # optimizer steps (paper 7B: 1T tokens / 4M tokens per step)
   train.batch_size = 2048  # global batch in sequences (2048 x 2048 = 4M tokens)
   train.seq_len = 2048  # tokens per sequence
+  train.param_dtype = 'float32'  # trained weights stored as: float32 | bfloat16 (docs/memory.md)
   train.microbatches = 1  # gradient accumulation: the batch is split and scanned
   train.seed = 0  # parameter initialization and data order
   train.z_loss = 0.0  # weight of the log(Z)^2 auxiliary loss; 0 disables it
@@ -86,6 +87,8 @@ def get_config():
   optim.decay_embeddings = True  # also decay the embedding and output matrices
   optim.clip_norm = 1.0  # global gradient-norm clipping
   optim.state_dtype = 'float32'  # Adam moments stored as: float32 | bfloat16 (docs/memory.md)
+  optim.state_memory = 'device'  # where the Adam moments live: device | host (pinned_host)
+  optim.master_memory = 'device'  # float32 copy of bfloat16 weights: device | host | none
 
   config.data = data = ml_collections.ConfigDict()
   data.name = 'builtin_text'  # a TFDS name ('c4/en:3.1.0'), builtin_text, or prepared:FOLDER

@@ -11,6 +11,12 @@ initialization seed. A mode's rounding must move the loss curve less than that d
 the last 50 steps, the mean |loss(mode) - loss(float32)| must be below the mean
 |loss(float32, seed 1) - loss(float32, seed 0)|, and the mode must have learned (its
 final loss at most half its first).
+
+bfloat16 weights with no master copy are the exception, by design: each update is rounded
+into 8 significant bits, and one smaller than half a spacing (late in the decay, most of
+them) is lost, so the curve lags (0.053 nats over the last 50 steps here, ten times the
+seed spread of 0.005). Its bound is 5% of the loss the float32 run removes in 200 steps
+(0.17 nats): it catches a mode that stops learning, not that known lag.
 """
 
 import functools
@@ -23,13 +29,27 @@ import pytest
 
 from llama_jax import checkpoint as checkpoint_lib
 from llama_jax import experiment as experiment_lib
-from llama_jax import steps
+
 from llama_jax.errors import ConfigError
 
 STEPS, RESUME_AT, BATCH, LENGTH, TOKENS = 200, 100, 8, 32, 64
 MODES = {
     'state_bfloat16': {
         'optim.state_dtype': 'bfloat16'
+    },
+    'params_bfloat16': {
+        'train.param_dtype': 'bfloat16'
+    },
+    'params_bfloat16_master_host': {
+        'train.param_dtype': 'bfloat16',
+        'optim.master_memory': 'host'
+    },
+    'params_bfloat16_no_master': {
+        'train.param_dtype': 'bfloat16',
+        'optim.master_memory': 'none'
+    },
+    'state_host': {
+        'optim.state_memory': 'host'
     },
 }
 
@@ -82,7 +102,7 @@ def curve(tmp_path_factory):
   @functools.cache
   def of(mode: str, seed: int = 0):
     built = experiment(mode)
-    state = steps.create_sharded_state(seed, built.model_config, built.optimizer, built.shardings)
+    state = built.create_state(seed)
     state, first = run(built, state, 0, RESUME_AT)
     directory = str(tmp_path_factory.mktemp(f'{mode}_{seed}'))
     manager = checkpoint_lib.make_manager(directory, tiny_config({}).checkpoint)
@@ -111,7 +131,10 @@ def test_mode_trains_like_float32(mode, curve):
   _, reseeded, _ = curve('float32', seed=1)
   _, losses, _ = curve(mode)
   assert losses[-1] < 0.5 * losses[0]
-  assert late_gap(losses, base) < late_gap(reseeded, base), (mode, late_gap(losses, base))
+  bound = late_gap(reseeded, base)
+  if mode == 'params_bfloat16_no_master':
+    bound = 0.05 * (base[0] - base[-1])
+  assert late_gap(losses, base) < bound, (mode, late_gap(losses, base), bound)
 
 
 @pytest.mark.parametrize('mode', list(MODES))
@@ -139,3 +162,13 @@ def test_bfloat16_state_refuses_a_b2_whose_updates_round_away():
   config = tiny_config({'optim.state_dtype': 'bfloat16', 'optim.b2': 0.999})
   with pytest.raises(ConfigError, match='optim.b2'):
     experiment_lib.build(config, jax.devices()[:1])
+
+
+def test_host_modes_keep_their_state_in_host_memory(curve):
+  for mode, field in (('params_bfloat16_master_host', 'master'), ('state_host', 'opt_state'),
+                      ('params_bfloat16', 'master')):
+    state, _, _ = curve(mode)
+    kinds = {leaf.sharding.memory_kind for leaf in jax.tree.leaves(getattr(state, field))}
+    assert kinds == ({'pinned_host'} if 'host' in mode else {'device'}), (mode, kinds)
+    assert {p.dtype for p in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)
+                                                               } or mode == 'state_host'
