@@ -28,7 +28,7 @@ def get_config():
   model.dtype = 'bfloat16'  # compute dtype: bfloat16 | float32 | float16 (params are float32)
   model.attention = 'auto'  # auto | reference | blockwise | splash | triton | cudnn (attention.py)
   model.context_parallel = 'all_gather'  # keys/values across mesh.sequence: all_gather | ring
-  model.remat = 'full'  # none | full | save_dots | save_attention (llama_jax/model.py)
+  model.remat = 'full'  # none | full | save_dots | save_attention | offload (llama_jax/model.py)
   model.scan_layers = True  # scan over stacked layers; False loops (debugging)
   model.lora = lora = ml_collections.ConfigDict()  # adapters on a frozen base (llama_jax/lora.py)
   lora.rank = 0  # rank of each adapter; 0 = no adapters, every parameter trains

@@ -113,12 +113,19 @@ def storage_of(config) -> dict:
 
 def place(shardings: steps.TrainState, optim_config) -> steps.TrainState:
   """The state's shardings with the master and optimizer state in host memory if asked."""
-  def memory(tree, where):
-    kind = 'pinned_host' if where == 'host' else None
-    return jax.tree.map(lambda s: s.with_memory_kind(kind) if kind else s, tree)
+  def memory(tree, where, key):
+    if where != 'host':
+      return tree
+    placed = jax.tree.map(lambda s: s.with_memory_kind('pinned_host'), tree)
+    if any(s.memory_kind != 'pinned_host' for s in jax.tree.leaves(placed)):
+      # jax drops a memory kind the devices lack: compile-only GPU devices in jax 0.10.2
+      raise ConfigError(f'optim.{key}=host needs host memory (pinned_host) on the devices, '
+                        'and these devices offer none; use optim.' + key + '=device.')
+    return placed
 
-  return shardings.replace(master=memory(shardings.master, optim_config.master_memory),
-                           opt_state=memory(shardings.opt_state, optim_config.state_memory))
+  return shardings.replace(
+      master=memory(shardings.master, optim_config.master_memory, 'master_memory'),
+      opt_state=memory(shardings.opt_state, optim_config.state_memory, 'state_memory'))
 
 
 @dataclasses.dataclass

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llama_jax import aot
 from llama_jax import checkpoint as checkpoint_lib
 from llama_jax import experiment as experiment_lib
 
@@ -50,6 +51,9 @@ MODES = {
     },
     'state_host': {
         'optim.state_memory': 'host'
+    },
+    'remat_offload': {
+        'model.remat': 'offload'
     },
 }
 
@@ -172,3 +176,36 @@ def test_host_modes_keep_their_state_in_host_memory(curve):
     assert kinds == ({'pinned_host'} if 'host' in mode else {'device'}), (mode, kinds)
     assert {p.dtype for p in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)
                                                                } or mode == 'state_host'
+
+
+def offload_memory(topology: str) -> dict:
+  """memory_per_chip of the tiny step on one device of `topology`, by remat policy."""
+  devices = aot.topology_devices(topology)[1][:1]
+  return {
+      remat: aot.memory_per_chip(
+          aot.compile_train_step(tiny_config({'model.remat': remat}),
+                                 devices)[0]) for remat in ('save_attention', 'offload')
+  }
+
+
+@pytest.mark.parametrize('topology', ['v5p-8', 'h100-1'])
+def test_offload_moves_the_saved_activations_to_host_memory(topology):
+  """The CPU backend runs `offload` (the numerics tests above) but has one memory: its
+  compile counts no host bytes. A TPU and a GPU compile do: the four saved tensors leave
+  the device's temporaries for host memory."""
+  if topology.startswith('h'):
+    pytest.importorskip('jax_plugins.xla_cuda13', reason="needs pip install -e '.[gpu-aot]'")
+  else:
+    pytest.importorskip('libtpu', reason="needs pip install -e '.[tpu]'")
+  memory = offload_memory(topology)
+  assert 'host' not in memory['save_attention'] and memory['offload']['host'] > 0
+  assert memory['offload']['temporaries'] < memory['save_attention']['temporaries']
+
+
+def test_host_state_on_devices_without_host_memory_is_refused():
+  """jax 0.10.2's compile-only GPU devices have no pinned_host memory and drop the kind
+  silently; the config says so instead of compiling a step that keeps it all on the GPU."""
+  pytest.importorskip('jax_plugins.xla_cuda13', reason="needs pip install -e '.[gpu-aot]'")
+  with pytest.raises(ConfigError, match='optim.state_memory=host'):
+    experiment_lib.build(tiny_config({'optim.state_memory': 'host'}),
+                         aot.topology_devices('h100-1')[1])
