@@ -122,8 +122,6 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: i
 
   on_host: the names of the state's fields held in host memory ('master', 'opt_state').
   """
-  to_device = lambda field: jax.device_put(getattr(state, field), jax.memory.Space.Device)
-  state = state.replace(**{field: to_device(field) for field in on_host})
 
   # Every loss is divided by the batch's total weight up front: the gradients come out
   # averaged, with no pass over them to divide.
@@ -159,6 +157,9 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: i
   keep_if_bad = lambda new, old: jnp.where(finite, new, old)
   # The update goes to the float32 master, or to the float32 values of the stored params
   # (no copy when they are float32), then is rounded into the stored dtype.
+  # Host-held fields come to the device here, after the backward pass has freed its memory.
+  to_device = lambda field: jax.device_put(getattr(state, field), jax.memory.Space.Device)
+  state = state.replace(**{field: to_device(field) for field in on_host})
   master = state.master if state.master else cast(state.params, jnp.float32)
   updates, opt_state = optimizer.update(grads, state.opt_state, master)
   master = optax.apply_updates(master, updates)
