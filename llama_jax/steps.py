@@ -140,7 +140,9 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: i
       grads, loss = carry
       (_, micro_loss), micro_grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params,
                                                                                  micro)
-      return (jax.tree.map(jnp.add, grads, micro_grads), loss + micro_loss), None
+      # in the params' dtype (a bfloat16 output projection's gradient comes out float32)
+      grads = jax.tree.map(lambda sum_, g: sum_ + g.astype(sum_.dtype), grads, micro_grads)
+      return (grads, loss + micro_loss), None
 
     # Microbatch i takes rows i, i + k, i + 2k, ...: every microbatch spans all devices.
     split = lambda x: x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(

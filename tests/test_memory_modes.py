@@ -209,3 +209,20 @@ def test_host_state_on_devices_without_host_memory_is_refused():
   with pytest.raises(ConfigError, match='optim.state_memory=host'):
     experiment_lib.build(tiny_config({'optim.state_memory': 'host'}),
                          aot.topology_devices('h100-1')[1])
+
+
+def test_bfloat16_weights_accumulate_microbatches():
+  """Two microbatches of bfloat16 weights: the same loss as one (float32, from the same
+  weights), and updated weights within a bfloat16 rounding of the one-microbatch step."""
+  def step(microbatches):
+    config = tiny_config(MODES['params_bfloat16'])
+    config.train.microbatches = microbatches
+    built = experiment_lib.build(config, jax.devices()[:1])
+    batch = jax.device_put(batch_of(0), built.batch_sharding)
+    return built.train_step(built.create_state(0), batch)
+
+  (one, one_metrics), (two, two_metrics) = step(1), step(2)
+  np.testing.assert_allclose(two_metrics['loss'], one_metrics['loss'], rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(two.params), jax.tree.leaves(one.params)):
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=2**-7, atol=1e-6)
