@@ -79,11 +79,11 @@ class Plan:
 
 
 FULL = Plan('configs.small', {}, ('none', 'save_dots', 'full'), PAPER_SHAPES, 32000, 2048,
-            ('float32', 'bf16 state', 'bf16 weights, master on host', 'bf16 weights, no master'),
+            ('float32', 'bf16 state', 'bf16 weights + host master', 'bf16 weights + no master'),
             (('7B', 4096, 32, 32), ('13B', 5120, 40, 40)), (1, 16), 128, 128, (2, 512, 8, 2, 128))
 SMOKE = Plan('configs.tiny', dict(seq_len=128, batch_size=4), ('save_dots', 'full'),
              (('a', 64, 4, 2), ('b', 128, 4, 4), ('c', 256, 4, 8)), 512, 128,
-             ('float32', 'bf16 weights, no master'), (('a', 64, 4, 2),), (1, 2), 8, 8,
+             ('float32', 'bf16 weights + no master'), (('a', 64, 4, 2),), (1, 2), 8, 8,
              (2, 128, 4, 2, 32))
 SMOKE_MEMORY_LIMIT = 0.01 * GIB  # the CPU reports no memory limit; this puts the cut inside
 RUN_SECTIONS = ('setup', 'correctness', 'speed', 'capacity', 'decoding')

@@ -246,6 +246,10 @@ def mode_config(name, mode, batch):
 def one_device_table():
   start = time.perf_counter()
   modes = FLAGS.modes or list(memory_modes.MODES)
+  unknown = set(modes) - set(memory_modes.MODES)
+  if unknown:
+    raise app.UsageError(f'unknown --modes {", ".join(sorted(unknown))}; use any of '
+                         f'{", ".join(memory_modes.MODES)}.')
   print('| config | mode | bytes/param device + host | batch | ' + ' | '.join(FLAGS.devices) + ' |')
   print('| --- | --- | --- | --- |' + ' --- |' * len(FLAGS.devices))
   for name in FLAGS.configs:

@@ -9,22 +9,22 @@ MODES = {
     'bf16 state': ({
         'optim.state_dtype': 'bfloat16'
     }, 12, 0),
-    'bf16 weights, master on host': ({
+    'bf16 weights + host master': ({
         'train.param_dtype': 'bfloat16',
         'optim.state_dtype': 'bfloat16',
         'optim.master_memory': 'host'
     }, 8, 4),
-    'bf16 weights, no master': ({
+    'bf16 weights + no master': ({
         'train.param_dtype': 'bfloat16',
         'optim.state_dtype': 'bfloat16',
         'optim.master_memory': 'none'
     }, 8, 0),
-    'bf16 weights, state and master on host': ({
+    'bf16 weights + host state + host master': ({
         'train.param_dtype': 'bfloat16',
         'optim.state_memory': 'host',
         'optim.master_memory': 'host'
     }, 4, 12),
-    'bf16 weights, state and master on host, remat offload': ({
+    'bf16 weights + host state + host master + remat offload': ({
         'train.param_dtype': 'bfloat16',
         'optim.state_memory': 'host',
         'optim.master_memory': 'host',

@@ -27,5 +27,5 @@ def test_smoke_report_runs_every_section_and_every_check_passes(tmp_path):
   assert len(speed_rows) == 2
   largest = re.findall(r'^\| largest that fits: dim \d+, \d+ layers \| ([^|]+) \|.*\| fits \|$',
                        report, re.M)
-  assert largest == ['float32', 'bf16 weights, no master'], report  # each memory mode's
+  assert largest == ['float32', 'bf16 weights + no master'], report  # each memory mode's
   assert len(re.findall(r'^\| a \(.* parameters, bfloat16\) \| [12] \|', report, re.M)) == 2
