@@ -12,7 +12,8 @@ Prints Markdown and writes it to --output:
   speed        configs/small.py at seq 2048 in bfloat16: tokens/s, TFLOP/s per device, MFU
                and memory for each attention implementation and remat policy;
   capacity     the largest LLaMA-shaped model whose train step (batch 1 x 2048, remat
-               full) fits one device, by compiling and reading XLA's memory analysis;
+               full) fits one device in each memory mode (docs/memory.md), by compiling
+               and reading XLA's memory analysis;
   decoding     KV-cache decoding of 7B- and 13B-shaped models in bfloat16 (random weights),
                tokens/s at batch 1 and 16.
 --smoke runs every section with CPU-sized shapes (the test suite runs it).
@@ -43,13 +44,14 @@ from absl import app, flags, logging
 from flax import nnx
 
 from benchmarks import attention as attention_benchmark
+from benchmarks import memory_modes
 from benchmarks import train_step as train_step_benchmark
-from llama_jax import aot, generate, steps
+from llama_jax import aot, generate
 from llama_jax import attention as attention_lib
 from llama_jax import experiment as experiment_lib
 from llama_jax import model as model_lib
 from llama_jax import sharding as sharding_lib
-from llama_jax.errors import UserError
+from llama_jax.errors import ConfigError, UserError
 
 FLAGS = flags.FLAGS
 
@@ -68,6 +70,7 @@ class Plan:
   capacity_shapes: tuple  # (name, dim, heads, layers), smallest first
   capacity_vocab: int
   capacity_seq: int
+  capacity_modes: tuple  # names in benchmarks/memory_modes.py
   decode_shapes: tuple  # (name, dim, heads, layers)
   decode_batches: tuple
   decode_prompt: int
@@ -76,10 +79,12 @@ class Plan:
 
 
 FULL = Plan('configs.small', {}, ('none', 'save_dots', 'full'), PAPER_SHAPES, 32000, 2048,
+            ('float32', 'bf16 state', 'bf16 weights + host master', 'bf16 weights + no master'),
             (('7B', 4096, 32, 32), ('13B', 5120, 40, 40)), (1, 16), 128, 128, (2, 512, 8, 2, 128))
 SMOKE = Plan('configs.tiny', dict(seq_len=128, batch_size=4), ('save_dots', 'full'),
-             (('a', 64, 4, 2), ('b', 128, 4, 4), ('c', 256, 4, 8)), 512, 128, (('a', 64, 4, 2),),
-             (1, 2), 8, 8, (2, 128, 4, 2, 32))
+             (('a', 64, 4, 2), ('b', 128, 4, 4), ('c', 256, 4, 8)), 512, 128,
+             ('float32', 'bf16 weights + no master'), (('a', 64, 4, 2),), (1, 2), 8, 8,
+             (2, 128, 4, 2, 32))
 SMOKE_MEMORY_LIMIT = 0.01 * GIB  # the CPU reports no memory limit; this puts the cut inside
 RUN_SECTIONS = ('setup', 'correctness', 'speed', 'capacity', 'decoding')
 COMPILE_ONLY_SECTIONS = ('setup', 'capacity', 'memory', 'kernels')
@@ -155,7 +160,7 @@ def check_train_step(plan: Plan) -> list:
   results = []
   for devices in (jax.devices()[:1], cpus):
     built = experiment_lib.build(config, devices)
-    state = steps.create_sharded_state(0, built.model_config, built.optimizer, built.shardings)
+    state = built.create_state(0)
     batch = train_step_benchmark.random_batch(built.model_config.vocab_size,
                                               config.train.batch_size, config.train.seq_len)
     _, metrics = built.train_step(state, jax.device_put(batch, built.batch_sharding))
@@ -288,21 +293,36 @@ def speed_section(plan: Plan, steps: int) -> str:
           rows))
 
 
-def capacity_config(plan: Plan, dim: int, heads: int, layers: int):
+def capacity_config(plan: Plan, dim: int, heads: int, layers: int, mode: str = 'float32'):
   config = load_config(plan, **{'model.remat': 'full', 'train.microbatches': 1})
   config.model.update(dim=dim, n_heads=heads, n_layers=layers, vocab_size=plan.capacity_vocab,
                       max_seq_len=plan.capacity_seq, multiple_of=256 if dim >= 1024 else 32)
   config.train.update(batch_size=1, seq_len=plan.capacity_seq, loss_chunks=8)
-  return config
+  return memory_modes.apply(config, mode)
 
 
 def capacity_section(plan: Plan, device, limit) -> str:
-  """Paper shapes until one does not fit, then the most layers of that width that fit."""
+  """For each memory mode: paper shapes until one does not fit, then the most layers of
+  that width that fit."""
+  rows = []
+  for mode in plan.capacity_modes:
+    try:
+      rows += capacity_rows(plan, device, limit, mode)
+    except ConfigError as error:  # host memory that compile-only GPU devices lack
+      rows.append(['—', mode, '—', '—', f'not compiled: {error}'])
+  return (f'train step, batch 1 x {plan.capacity_seq}, remat full, vocab {plan.capacity_vocab}, '
+          f'each memory mode of docs/memory.md; limit {limit / GIB:.2f} GiB per device (XLA '
+          'memory analysis of the compiled step; host memory not counted)\n\n' +
+          table(['model', 'mode', 'parameters', 'memory', 'result'], rows))
+
+
+def capacity_rows(plan: Plan, device, limit, mode: str) -> list:
   rows, measured = [], {}
 
   def need(dim, heads, layers):  # (bytes, parameters) of the compiled step
     if (dim, layers) not in measured:
-      compiled, built = aot.compile_train_step(capacity_config(plan, dim, heads, layers), [device])
+      config = capacity_config(plan, dim, heads, layers, mode)
+      compiled, built = aot.compile_train_step(config, [device])
       measured[dim, layers] = (aot.memory_per_chip(compiled)['total'], built.n_params)
     return measured[dim, layers]
 
@@ -311,7 +331,7 @@ def capacity_section(plan: Plan, device, limit) -> str:
     memory, n_params = need(dim, heads, layers)
     fits = memory <= limit
     rows.append([
-        f'{name} (dim {dim}, {layers} layers)',
+        f'{name} (dim {dim}, {layers} layers)', mode,
         count(n_params), f'{memory / GIB:.2f} GiB', 'fits' if fits else 'does not fit'
     ])
     if fits:
@@ -328,13 +348,10 @@ def capacity_section(plan: Plan, device, limit) -> str:
   if largest:
     memory, n_params = need(*largest)
     rows.append([
-        f'largest that fits: dim {largest[0]}, {largest[2]} layers',
+        f'largest that fits: dim {largest[0]}, {largest[2]} layers', mode,
         count(n_params), f'{memory / GIB:.2f} GiB', 'fits'
     ])
-  return (f'train step, batch 1 x {plan.capacity_seq}, remat full, float32 parameters and '
-          f'Adam state, vocab {plan.capacity_vocab}; limit {limit / GIB:.2f} GiB per device '
-          '(XLA memory analysis of the compiled step)\n\n' +
-          table(['model', 'parameters', 'memory', 'result'], rows))
+  return rows
 
 
 def size(n_bytes: int) -> str:

@@ -21,6 +21,11 @@ machine (the fewest microbatches of 16, 4 or 1 sequences per GPU that fit); and 
 h100-8 with the projections' token axes flattened (the CPU layout) or kept (einsum, the
 TPU and GPU layout; see llama_jax.model.project) on three meshes, by memory and
 collectives per GPU.
+
+--one_device prints docs/memory.md's table: each config in each memory mode on one H200,
+one H100 and one v5p chip, at batch 1 x seq_len and at --accumulated_batch sequences in
+as many microbatches; GiB per device (and in host memory). A mode whose device bytes per
+parameter (benchmarks/memory_modes.py) times the parameter count exceed the device is not compiled.
 """
 
 import contextlib
@@ -33,9 +38,11 @@ from unittest import mock
 import jax
 from absl import app, flags, logging
 
+from benchmarks import memory_modes
 from llama_jax import aot, cross_entropy, hlo
 from llama_jax import metrics as metrics_lib
 from llama_jax import model as model_lib
+from llama_jax.errors import ConfigError
 
 flags.DEFINE_list('configs', ['llama_7b', 'llama_13b', 'llama_33b', 'llama_65b'], 'Configs.')
 flags.DEFINE_list('families', ['v5p', 'v4'], 'TPU families.')
@@ -43,6 +50,11 @@ flags.DEFINE_integer('sequences_per_chip', 0, 'Sequences per chip per microbatch
                      'and 16 microbatches.')
 flags.DEFINE_float('assumed_mfu', 0.5, 'MFU assumed for the days estimate.')
 flags.DEFINE_bool('gpu', False, 'The GPU tables (H100, H200) instead of the TPU one.')
+flags.DEFINE_bool('one_device', False, 'The memory modes on one H200, H100 and v5p chip.')
+flags.DEFINE_list('modes', [], '--one_device: these modes only (names as printed).')
+flags.DEFINE_list('devices', ['h200-1', 'h100-1', 'v5p-2'], '--one_device: the devices.')
+flags.DEFINE_list('batches', ['1', '16'], '--one_device: global batches (each sequence its own '
+                  'microbatch).')
 FLAGS = flags.FLAGS
 
 PAPER_TOKENS = {  # training tokens of each paper model, for the days estimate
@@ -225,10 +237,65 @@ def gpu_tables():
   print(f'\n{time.perf_counter() - start:.0f} s in all')
 
 
+def mode_config(name, mode, batch):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  config.train.update(batch_size=batch, microbatches=batch)
+  return memory_modes.apply(config, mode)
+
+
+def one_device_table():
+  start = time.perf_counter()
+  modes = FLAGS.modes or list(memory_modes.MODES)
+  unknown = set(modes) - set(memory_modes.MODES)
+  if unknown:
+    raise app.UsageError(f'unknown --modes {", ".join(sorted(unknown))}; use any of '
+                         f'{", ".join(memory_modes.MODES)}.')
+  print('| config | mode | bytes/param device + host | batch | ' + ' | '.join(FLAGS.devices) + ' |')
+  print('| --- | --- | --- | --- |' + ' --- |' * len(FLAGS.devices))
+  for name in FLAGS.configs:
+    for mode in modes:
+      on_device, on_host = memory_modes.MODES[mode][1:]
+      for batch in map(int, FLAGS.batches):
+        config = mode_config(name, mode, batch)
+        n_params = model_lib.count_params(
+            model_lib.abstract_model(model_lib.ModelConfig.from_config(config.model)))
+        cells = []
+        for topology in FLAGS.devices:
+          chip, devices = aot.topology_devices(topology)
+          if on_device * n_params > chip.hbm_bytes:
+            cells.append(f'no ({on_device * n_params / GIB:.0f} GiB of state)')
+            continue
+          began = time.perf_counter()
+          try:
+            memory = aot.memory_per_chip(aot.compile_train_step(config, devices)[0])
+          except ConfigError:  # host memory on compile-only GPU devices (jax 0.10.2)
+            cells.append('not compilable here (no host memory kind)')
+            continue
+          except Exception as error:  # the TPU compiler refuses steps that cannot fit
+            if 'memory' not in str(error).lower() and 'RESOURCE_EXHAUSTED' not in str(error):
+              raise
+            cells.append('no (compiler: out of memory)')
+            continue
+          host = f' + {memory["host"] / GIB:.1f} host' if 'host' in memory else ''
+          fits = 'fits' if memory['total'] <= chip.hbm_bytes else 'no'
+          cells.append(f'{fits}: {memory["total"] / GIB:.1f}{host} GiB')
+          print(
+              f'  {name} {mode} x{batch} {topology}: {cells[-1]} '
+              f'({time.perf_counter() - began:.0f}s)', file=sys.stderr, flush=True)
+        print(
+            f'| {name} | {mode} | {on_device} + {on_host} | {batch} x {config.train.seq_len} | ' +
+            ' | '.join(cells) + ' |', flush=True)
+  print(f'\n{time.perf_counter() - start:.0f} s in all')
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.ERROR)
-  if FLAGS.gpu:
+  if FLAGS.one_device:
+    if 'JAX_PLATFORMS' not in os.environ:  # compile-only: see llama_jax.aot.main
+      jax.config.update('jax_platforms', 'cpu')
+    one_device_table()
+  elif FLAGS.gpu:
     if 'JAX_PLATFORMS' not in os.environ:  # compile-only: see llama_jax.aot.main
       jax.config.update('jax_platforms', 'cpu')
     gpu_tables()

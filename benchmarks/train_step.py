@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from llama_jax import aot, config_flag, steps
+from llama_jax import aot, config_flag
 from llama_jax import experiment as experiment_lib
 from llama_jax import metrics as metrics_lib
 
@@ -93,7 +93,7 @@ def measure(config, devices, timed_steps: int) -> dict:
   """
   built = experiment_lib.build(config, devices)
   model_config = built.model_config
-  state = steps.create_sharded_state(0, model_config, built.optimizer, built.shardings)
+  state = built.create_state(0)
   batch_size, seq_len = config.train.batch_size, config.train.seq_len
   batch = jax.device_put(random_batch(model_config.vocab_size, batch_size, seq_len),
                          built.batch_sharding)

@@ -27,7 +27,6 @@ from configs import default
 from llama_jax import experiment as experiment_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax import model as model_lib
-from llama_jax import steps
 
 flags.DEFINE_integer('dim', 512, 'Model width.')
 flags.DEFINE_integer('layers', 8, 'Transformer blocks.')
@@ -51,7 +50,7 @@ def our_step(precision, tokens):
                            loss_chunks=1))  # one chunk: the fastest on CPU
   config.data.segment_mask = False
   built = experiment_lib.build(config, jax.devices())
-  state = steps.create_sharded_state(0, built.model_config, built.optimizer, built.shardings)
+  state = built.create_state(0)
   batch = jax.device_put(train_step_benchmark.batch_of(tokens), built.batch_sharding)
   start = time.perf_counter()
   compiled = built.train_step.lower(state, batch).compile()

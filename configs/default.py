@@ -28,7 +28,7 @@ def get_config():
   model.dtype = 'bfloat16'  # compute dtype: bfloat16 | float32 | float16 (params are float32)
   model.attention = 'auto'  # auto | reference | blockwise | splash | triton | cudnn (attention.py)
   model.context_parallel = 'all_gather'  # keys/values across mesh.sequence: all_gather | ring
-  model.remat = 'full'  # none | full | save_dots | save_attention (llama_jax/model.py)
+  model.remat = 'full'  # none | full | save_dots | save_attention | offload (llama_jax/model.py)
   model.scan_layers = True  # scan over stacked layers; False loops (debugging)
   model.lora = lora = ml_collections.ConfigDict()  # adapters on a frozen base (llama_jax/lora.py)
   lora.rank = 0  # rank of each adapter; 0 = no adapters, every parameter trains
@@ -63,6 +63,7 @@ def get_config():
   train.steps = 250_000  # optimizer steps (paper 7B: 1T tokens / 4M tokens per step)
   train.batch_size = 2048  # global batch in sequences (2048 x 2048 = 4M tokens)
   train.seq_len = 2048  # tokens per sequence
+  train.param_dtype = 'float32'  # trained weights stored as: float32 | bfloat16 (docs/memory.md)
   train.microbatches = 1  # gradient accumulation: the batch is split and scanned
   train.seed = 0  # parameter initialization and data order
   train.z_loss = 0.0  # weight of the log(Z)^2 auxiliary loss; 0 disables it
@@ -85,6 +86,9 @@ def get_config():
   optim.weight_decay = 0.1  # decoupled weight decay (never on norm scales)
   optim.decay_embeddings = True  # also decay the embedding and output matrices
   optim.clip_norm = 1.0  # global gradient-norm clipping
+  optim.state_dtype = 'float32'  # Adam moments stored as: float32 | bfloat16 (docs/memory.md)
+  optim.state_memory = 'device'  # where the Adam moments live: device | host (pinned_host)
+  optim.master_memory = 'device'  # float32 copy of bfloat16 weights: device | host | none
 
   config.data = data = ml_collections.ConfigDict()
   data.name = 'builtin_text'  # a TFDS name ('c4/en:3.1.0'), builtin_text, or prepared:FOLDER

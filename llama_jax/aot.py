@@ -56,6 +56,7 @@ CHIPS = {
 # Slice shapes by chip count: 3D tori for v4/v5p, 2D for v5e/v6e.
 SHAPES = {
     3: {
+        1: '1x1x1',
         4: '2x2x1',
         8: '2x2x2',
         16: '2x2x4',
@@ -206,6 +207,11 @@ def memory_per_chip(compiled) -> dict:
   }
   memory['total'] = (memory['arguments'] + memory['temporaries'] + memory['outputs'] -
                      memory['aliased'] + memory['code'])
+  # Host memory (pinned_host: docs/memory.md's offload modes), apart from the device's total.
+  host = (analysis.host_argument_size_in_bytes + analysis.host_temp_size_in_bytes +
+          analysis.host_output_size_in_bytes - analysis.host_alias_size_in_bytes)
+  if host:
+    memory['host'] = host
   return memory
 
 
@@ -254,8 +260,10 @@ def report(config, topology: str, slices: int, assumed_mfu: float, tokens: float
         f'batch {config.train.batch_size} x {config.train.seq_len} in '
         f'{config.train.microbatches} microbatch(es)')
   print(f'compiled in {compile_s:.1f}s')
-  print(f'{memory_name}: ' + ', '.join(f'{k} {v / GIB:.2f} GiB' for k, v in memory.items()) +
-        f' of {chip.hbm_bytes / GIB:.0f} GiB -> {"fits" if fits else "DOES NOT FIT"}')
+  device = {k: v for k, v in memory.items() if k != 'host'}
+  print(f'{memory_name}: ' + ', '.join(f'{k} {v / GIB:.2f} GiB' for k, v in device.items()) +
+        f' of {chip.hbm_bytes / GIB:.0f} GiB -> {"fits" if fits else "DOES NOT FIT"}' +
+        (f'; in host memory {memory["host"] / GIB:.2f} GiB' if 'host' in memory else ''))
   text = compiled.as_text()
   print(f'largest arrays on a {unit}: ' +
         ', '.join(f'{shape} {size / GIB:.2f} GiB' for size, shape in hlo.largest_arrays(text, 3)))

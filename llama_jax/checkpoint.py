@@ -3,7 +3,8 @@
 Layout of `<workdir>/checkpoints/<step>/`:
   params       the float32 parameters (sharded array files; all that evaluation reads);
                a LoRA run's adapters only
-  train_state  optimizer state, step and skipped-step counters
+  train_state  optimizer state, step and skipped-step counters, and the float32 master
+               copy of bfloat16 parameters (train.param_dtype) when there is one
   data         the position of every row of the global batch, gathered from all
                processes, so a run resumes on any number of hosts
   config       the run's config as JSON, so evaluation knows the model's shape
@@ -70,7 +71,8 @@ def _train_state_without_params(state) -> dict:
       'step': state.step,
       'opt_state': state.opt_state,
       'bad_steps': state.bad_steps,
-      'skipped_steps': state.skipped_steps
+      'skipped_steps': state.skipped_steps,
+      'master': state.master
   }
 
 

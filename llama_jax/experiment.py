@@ -77,10 +77,55 @@ def validate(config, mesh_sizes: dict, platform: str) -> model_lib.ModelConfig:
       f'model.context_parallel=ring passes partial softmax statistics between chips, which '
       f'model.attention={model_config.attention} cannot return; use model.attention=blockwise '
       'or model.context_parallel=all_gather.')
+  optim_config = config.optim
+  check(optim_config.state_dtype in optim.STATE_DTYPES,
+        f'optim.state_dtype is {optim_config.state_dtype!r}; use float32 or bfloat16.')
+  check(
+      optim_config.state_dtype == 'float32' or optim_config.b2 <= optim.BFLOAT16_MAX_B2,
+      f'optim.b2={optim_config.b2} moves the second moment by less than one bfloat16 spacing a '
+      f'step, so optim.state_dtype=bfloat16 would round its updates away; use b2 <= '
+      f'{optim.BFLOAT16_MAX_B2:.4f} or optim.state_dtype=float32.')
+  check(train.param_dtype in optim.STATE_DTYPES,
+        f'train.param_dtype is {train.param_dtype!r}; use float32 or bfloat16.')
+  check(optim_config.master_memory in MEMORIES + ('none',),
+        f'optim.master_memory is {optim_config.master_memory!r}; use device, host or none.')
+  check(optim_config.state_memory in MEMORIES,
+        f'optim.state_memory is {optim_config.state_memory!r}; use device or host.')
+  check(
+      train.param_dtype != 'float32' or optim_config.master_memory == 'device',
+      f'optim.master_memory={optim_config.master_memory} places the float32 copy of bfloat16 '
+      'weights, and train.param_dtype=float32 weights are their own master; set '
+      'train.param_dtype=bfloat16 or leave optim.master_memory=device.')
   for key, heads in (('n_heads', model_config.n_heads), ('n_kv_heads', model_config.kv_heads)):
     check(heads % mesh_sizes['tensor'] == 0,
           f'model.{key} ({heads}) must be divisible by mesh.tensor ({mesh_sizes["tensor"]}).')
   return model_config
+
+
+MEMORIES = ('device', 'host')
+
+
+def storage_of(config) -> dict:
+  """steps.init_state's storage options: the params' dtype and whether a master exists."""
+  return dict(param_dtype=optim.STATE_DTYPES[config.train.param_dtype],
+              master=config.optim.master_memory != 'none')
+
+
+def place(shardings: steps.TrainState, optim_config) -> steps.TrainState:
+  """The state's shardings with the master and optimizer state in host memory if asked."""
+  def memory(tree, where, key):
+    if where != 'host':
+      return tree
+    placed = jax.tree.map(lambda s: s.with_memory_kind('pinned_host'), tree)
+    if any(s.memory_kind != 'pinned_host' for s in jax.tree.leaves(placed)):
+      # jax drops a memory kind the devices lack: compile-only GPU devices in jax 0.10.2
+      raise ConfigError(f'optim.{key}=host needs host memory (pinned_host) on the devices, '
+                        'and these devices offer none; use optim.' + key + '=device.')
+    return placed
+
+  return shardings.replace(
+      master=memory(shardings.master, optim_config.master_memory, 'master_memory'),
+      opt_state=memory(shardings.opt_state, optim_config.state_memory, 'state_memory'))
 
 
 @dataclasses.dataclass
@@ -97,6 +142,12 @@ class Experiment:
   train_step: Callable  # jitted; (state, batch) -> (state, metrics)
   eval_step: Callable  # jitted; (all params, batch, token_bytes) -> (nll, weight, bytes) sums
   n_params: int
+  storage: dict  # steps.init_state's param_dtype and master
+
+  def create_state(self, seed) -> steps.TrainState:
+    """A fresh state, initialized directly into its shardings."""
+    return steps.create_sharded_state(seed, self.model_config, self.optimizer, self.shardings,
+                                      **self.storage)
 
 
 def build(config, devices) -> Experiment:
@@ -106,8 +157,8 @@ def build(config, devices) -> Experiment:
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   rules = tuple(tuple(rule) for rule in config.mesh.rules)
   optimizer = optim.make_optimizer(config.optim, config.train.steps)
-  abstract = steps.abstract_state(model_config, optimizer)
-  shardings = sharding_lib.state_shardings(abstract, mesh, rules)
+  abstract = steps.abstract_state(model_config, optimizer, **storage_of(config))
+  shardings = place(sharding_lib.state_shardings(abstract, mesh, rules), config.optim)
   graphdef = steps.graphdef_of(model_config)
   loss_options = dict(segment_mask=config.data.segment_mask, loss_chunks=config.train.loss_chunks)
   train_step = steps.jit_train_step(
@@ -118,4 +169,5 @@ def build(config, devices) -> Experiment:
   eval_step = steps.jit_eval_step(mesh, rules, params_shardings, graphdef=graphdef, **loss_options)
   return Experiment(model_config, mesh, rules, optimizer, abstract, shardings, params_shardings,
                     sharding_lib.batch_sharding(mesh, rules), train_step, eval_step,
-                    model_lib.count_params(model_lib.abstract_model(model_config)))
+                    model_lib.count_params(model_lib.abstract_model(model_config)),
+                    storage_of(config))

@@ -46,6 +46,11 @@ REMAT_POLICIES = {
                                           _policies.save_only_these_names('attention_out')),
     # keep q, k, v and the attention output
     'save_attention': _policies.save_only_these_names('query', 'key', 'value', 'attention_out'),
+    # the same four, kept in host memory (pinned_host) and brought back for the backward pass
+    'offload': _policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=['query', 'key', 'value', 'attention_out'],
+        offload_src='device', offload_dst='pinned_host'),
 }
 
 

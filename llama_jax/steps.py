@@ -6,6 +6,12 @@ be ignored), optional z-loss, gradients accumulated over microbatches with a sca
 then the optax update. A step whose loss or gradient norm is not finite changes nothing
 and is counted instead. With LoRA (model.lora.rank > 0) only the adapters are trained
 parameters; the base is frozen in the compute dtype, with no gradient and no optimizer state.
+
+The trained parameters are stored in train.param_dtype; when that is bfloat16 a float32
+master copy (optim.master_memory) receives the update, or, without one, the update is
+computed in float32 and rounded into the bfloat16 weights. State held in host memory
+(optim.master_memory / optim.state_memory = host) is moved to the device for the update;
+the jitted step's output shardings put it back (docs/memory.md).
 """
 
 import functools
@@ -26,11 +32,12 @@ from llama_jax import sharding as sharding_lib
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # [] int32: optimizer steps taken
-  params: nnx.State  # trained float32 parameters (a LoRA run's adapters), logical axis names
+  params: nnx.State  # trained parameters (a LoRA run's adapters) in train.param_dtype
   opt_state: optax.OptState  # mirrors params
   bad_steps: jax.Array  # [] int32: consecutive skipped (non-finite) steps
   skipped_steps: jax.Array  # [] int32: all skipped steps
   frozen: nnx.State  # a LoRA run's base parameters in the compute dtype; empty otherwise
+  master: nnx.State  # float32 copy of bfloat16 params (optim.master_memory); empty otherwise
 
 
 def split_trainable(params: nnx.State, model_config) -> tuple[nnx.State, nnx.State]:
@@ -47,23 +54,38 @@ def all_params(state: TrainState) -> nnx.State:
   return nnx.merge_state(state.params, state.frozen)
 
 
-def init_state(seed, *, model_config, optimizer) -> TrainState:
+def cast(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype), tree)
+
+
+def with_params(state: TrainState, params: nnx.State) -> TrainState:
+  """`state` with new float32 trained parameters: stored in its dtype, and as its master."""
+  stored = jax.tree.map(lambda p, old: p.astype(old.dtype), params, state.params)
+  return state.replace(params=stored,
+                       master=cast(params, jnp.float32) if state.master else state.master)
+
+
+def init_state(seed, *, model_config, optimizer, param_dtype=jnp.float32,
+               master: bool = False) -> TrainState:
+  """The initial state; `master`: keep a float32 copy when param_dtype is not float32."""
   params = nnx.state(model_lib.Transformer(model_config, rngs=nnx.Rngs(jax.random.key(seed))),
                      nnx.Param)
   params, frozen = split_trainable(params, model_config)
   zero = jnp.zeros((), jnp.int32)
-  return TrainState(zero, params, optimizer.init(params), zero, zero, frozen)
+  stored = cast(params, param_dtype)
+  master_copy = params if master and param_dtype != jnp.float32 else nnx.State({})
+  return TrainState(zero, stored, optimizer.init(params), zero, zero, frozen, master_copy)
 
 
-def abstract_state(model_config, optimizer) -> TrainState:
-  """The state's shapes and logical axes, with no memory used."""
+def abstract_state(model_config, optimizer, **storage) -> TrainState:
+  """The state's shapes and logical axes, with no memory used; storage: init_state's."""
   return jax.eval_shape(
-      functools.partial(init_state, model_config=model_config, optimizer=optimizer), 0)
+      functools.partial(init_state, model_config=model_config, optimizer=optimizer, **storage), 0)
 
 
-def create_sharded_state(seed, model_config, optimizer, shardings) -> TrainState:
+def create_sharded_state(seed, model_config, optimizer, shardings, **storage) -> TrainState:
   """Initializes the state directly into its shardings: never whole on one device."""
-  init = functools.partial(init_state, model_config=model_config, optimizer=optimizer)
+  init = functools.partial(init_state, model_config=model_config, optimizer=optimizer, **storage)
   return jax.jit(init, out_shardings=shardings)(seed)
 
 
@@ -95,8 +117,11 @@ def token_losses(params, graphdef, batch, z_loss: float, segment_mask: bool, los
 
 
 def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: int, z_loss: float,
-               segment_mask: bool, loss_chunks: int, learning_rate):
-  """One optimizer step on `batch` (dict of [batch, length] arrays); returns state, metrics."""
+               segment_mask: bool, loss_chunks: int, learning_rate, on_host=()):
+  """One optimizer step on `batch` (dict of [batch, length] arrays); returns state, metrics.
+
+  on_host: the names of the state's fields held in host memory ('master', 'opt_state').
+  """
 
   # Every loss is divided by the batch's total weight up front: the gradients come out
   # averaged, with no pass over them to divide.
@@ -115,13 +140,16 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: i
       grads, loss = carry
       (_, micro_loss), micro_grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params,
                                                                                  micro)
-      return (jax.tree.map(jnp.add, grads, micro_grads), loss + micro_loss), None
+      # in the params' dtype (a bfloat16 output projection's gradient comes out float32)
+      grads = jax.tree.map(lambda sum_, g: sum_ + g.astype(sum_.dtype), grads, micro_grads)
+      return (grads, loss + micro_loss), None
 
     # Microbatch i takes rows i, i + k, i + 2k, ...: every microbatch spans all devices.
     split = lambda x: x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(
         0, 1)
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(())), jax.tree.map(split, batch))
+  grads = cast(grads, jnp.float32)  # in param_dtype (accumulated so), updates in float32
   grad_norm = optax.tree.norm(grads)
 
   # A non-finite step keeps the old values, chosen per element: one elementwise pass over
@@ -129,10 +157,22 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: i
   # trees made XLA's GPU compiler keep three extra float32 copies of the parameters.)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep_if_bad = lambda new, old: jnp.where(finite, new, old)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = jax.tree.map(keep_if_bad, optax.apply_updates(state.params, updates), state.params)
+  # The update goes to the float32 master, or to the float32 values of the stored params
+  # (no copy when they are float32), then is rounded into the stored dtype.
+  # Host-held fields come to the device here, after the backward pass has freed its memory.
+  to_device = lambda field: jax.device_put(getattr(state, field), jax.memory.Space.Device)
+  state = state.replace(**{field: to_device(field) for field in on_host})
+  master = state.master if state.master else cast(state.params, jnp.float32)
+  updates, opt_state = optimizer.update(grads, state.opt_state, master)
+  master = optax.apply_updates(master, updates)
+  params = jax.tree.map(lambda new, old: keep_if_bad(new.astype(old.dtype), old), master,
+                        state.params)
   opt_state = jax.tree.map(keep_if_bad, opt_state, state.opt_state)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+  if state.master:
+    master = jax.tree.map(keep_if_bad, master, state.master)
+  else:
+    master = state.master
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, master=master,
                             bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
                             skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
   metrics = {
@@ -155,11 +195,14 @@ def eval_step(params, batch, token_bytes, *, graphdef, segment_mask: bool, loss_
 def jit_train_step(mesh, rules, state_shardings, *, graphdef, optimizer, learning_rate,
                    microbatches, z_loss, segment_mask, loss_chunks):
   """The train step, jitted with the state's shardings and its buffers donated."""
+  on_host = tuple(field for field in ('master', 'opt_state') if any(
+      s.memory_kind == 'pinned_host' for s in jax.tree.leaves(getattr(state_shardings, field))))
+
   def step(state, batch):
     with sharding_lib.activation_sharding(mesh, rules):
       return train_step(state, batch, graphdef=graphdef, optimizer=optimizer,
                         microbatches=microbatches, z_loss=z_loss, segment_mask=segment_mask,
-                        loss_chunks=loss_chunks, learning_rate=learning_rate)
+                        loss_chunks=loss_chunks, learning_rate=learning_rate, on_host=on_host)
 
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

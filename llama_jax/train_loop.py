@@ -264,15 +264,15 @@ def _restore_or_initialize(config, experiment, manager, checkpoint_dir, workdir,
     pipeline.set_row_states(data.train_iterator, row_states[data.rows.start:data.rows.stop])
     processes.say(f'Resumed from step {start} of {workdir}')
     return state, start
-  state = steps.create_sharded_state(config.train.seed, model_config, experiment.optimizer,
-                                     shardings)
+  state = experiment.create_state(config.train.seed)
   if base is not None:
     state = state.replace(frozen=_restore_base(base, experiment))
   elif config.checkpoint.init_params:  # fine-tuning: someone else's parameters, a new optimizer
     source = os.path.join(config.checkpoint.init_params, 'checkpoints')
     source_step = checkpoint_lib.find_step(source)
-    state = state.replace(params=checkpoint_lib.restore_params(source, source_step, abstract.params,
-                                                               shardings.params))
+    float32 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), abstract.params)
+    state = steps.with_params(
+        state, checkpoint_lib.restore_params(source, source_step, float32, shardings.params))
     processes.say(f'Initialized the parameters from {source}/{source_step}')
   return state, 0
 

@@ -25,5 +25,7 @@ def test_smoke_report_runs_every_section_and_every_check_passes(tmp_path):
   assert len(checks) == 6 and all(result == 'pass' for _, result in checks), report
   speed_rows = re.findall(r'^\| reference \| (save_dots|full) \| True \| ([\d,]+) \|', report, re.M)
   assert len(speed_rows) == 2
-  assert re.search(r'^\| largest that fits: dim \d+, \d+ layers \|.*\| fits \|$', report, re.M)
+  largest = re.findall(r'^\| largest that fits: dim \d+, \d+ layers \| ([^|]+) \|.*\| fits \|$',
+                       report, re.M)
+  assert largest == ['float32', 'bf16 weights + no master'], report  # each memory mode's
   assert len(re.findall(r'^\| a \(.* parameters, bfloat16\) \| [12] \|', report, re.M)) == 2
