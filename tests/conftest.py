@@ -1,12 +1,24 @@
 """Test set-up: 8 simulated CPU devices (before jax is imported), and the helpers that
 several test modules share, as fixtures."""
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache for this session, shared with the train.py / eval.py /
+# serve.py processes the tests start: the same small programs compile once, not once per
+# process. It starts empty and is deleted at exit (JAX caches only CPU programs here, not
+# the TPU and GPU compiles of the topology tests).
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix='llama_jax_tests_jit_')
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+os.environ.update(JAX_COMPILATION_CACHE_DIR=_COMPILATION_CACHE,
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 
 import importlib  # noqa: E402  (jax reads XLA_FLAGS when it is first imported)
 import subprocess  # noqa: E402
