@@ -20,6 +20,8 @@ from llama_jax import steps
 from llama_jax.data import mixture
 from llama_jax.errors import ConfigError
 
+MEMORIES = ('device', 'host')  # where optim.master_memory / optim.state_memory may keep arrays
+
 
 def validate(config, mesh_sizes: dict, platform: str) -> model_lib.ModelConfig:
   """Checks the keys that must agree with each other; returns the model config.
@@ -100,9 +102,6 @@ def validate(config, mesh_sizes: dict, platform: str) -> model_lib.ModelConfig:
     check(heads % mesh_sizes['tensor'] == 0,
           f'model.{key} ({heads}) must be divisible by mesh.tensor ({mesh_sizes["tensor"]}).')
   return model_config
-
-
-MEMORIES = ('device', 'host')
 
 
 def storage_of(config) -> dict:

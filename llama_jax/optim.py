@@ -36,6 +36,12 @@ def weight_decay_mask(params, decay_embeddings: bool):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def cast(tree, dtype):
+  """`tree` with every floating-point leaf as `dtype` (integer leaves such as counts kept)."""
+  return jax.tree.map(lambda x: x.astype(dtype)
+                      if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def stored_as(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
   """`inner` with its floating-point state (Adam's mu and nu) stored in `dtype` between
   steps, and every update computed in float32 from the stored values.
@@ -48,10 +54,6 @@ def stored_as(inner: optax.GradientTransformation, dtype) -> optax.GradientTrans
   off by at most about 0.6% (far less than the noise of one batch's gradient estimate),
   provided each step's change to nu is not rounded away (BFLOAT16_MAX_B2).
   """
-  def cast(tree, to):
-    return jax.tree.map(lambda x: x.astype(to)
-                        if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
   def init(params):
     return cast(inner.init(params), dtype)
 

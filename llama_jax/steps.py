@@ -26,6 +26,7 @@ from llama_jax import context_parallel
 from llama_jax import cross_entropy
 from llama_jax import lora
 from llama_jax import model as model_lib
+from llama_jax import optim
 from llama_jax import sharding as sharding_lib
 
 
@@ -54,15 +55,11 @@ def all_params(state: TrainState) -> nnx.State:
   return nnx.merge_state(state.params, state.frozen)
 
 
-def cast(tree, dtype):
-  return jax.tree.map(lambda x: x.astype(dtype), tree)
-
-
 def with_params(state: TrainState, params: nnx.State) -> TrainState:
   """`state` with new float32 trained parameters: stored in its dtype, and as its master."""
   stored = jax.tree.map(lambda p, old: p.astype(old.dtype), params, state.params)
   return state.replace(params=stored,
-                       master=cast(params, jnp.float32) if state.master else state.master)
+                       master=optim.cast(params, jnp.float32) if state.master else state.master)
 
 
 def init_state(seed, *, model_config, optimizer, param_dtype=jnp.float32,
@@ -72,7 +69,7 @@ def init_state(seed, *, model_config, optimizer, param_dtype=jnp.float32,
                      nnx.Param)
   params, frozen = split_trainable(params, model_config)
   zero = jnp.zeros((), jnp.int32)
-  stored = cast(params, param_dtype)
+  stored = optim.cast(params, param_dtype)
   master_copy = params if master and param_dtype != jnp.float32 else nnx.State({})
   return TrainState(zero, stored, optimizer.init(params), zero, zero, frozen, master_copy)
 
@@ -149,7 +146,7 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: i
         0, 1)
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(())), jax.tree.map(split, batch))
-  grads = cast(grads, jnp.float32)  # in param_dtype (accumulated so), updates in float32
+  grads = optim.cast(grads, jnp.float32)  # in param_dtype (accumulated so), updates in float32
   grad_norm = optax.tree.norm(grads)
 
   # A non-finite step keeps the old values, chosen per element: one elementwise pass over
@@ -162,7 +159,7 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: i
   # Host-held fields come to the device here, after the backward pass has freed its memory.
   to_device = lambda field: jax.device_put(getattr(state, field), jax.memory.Space.Device)
   state = state.replace(**{field: to_device(field) for field in on_host})
-  master = state.master if state.master else cast(state.params, jnp.float32)
+  master = state.master if state.master else optim.cast(state.params, jnp.float32)
   updates, opt_state = optimizer.update(grads, state.opt_state, master)
   master = optax.apply_updates(master, updates)
   params = jax.tree.map(lambda new, old: keep_if_bad(new.astype(old.dtype), old), master,
