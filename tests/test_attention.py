@@ -54,19 +54,19 @@ def check_against_reference(implementation, length, heads, kv_heads, with_segmen
   q, k, v, segments = random_inputs(length, heads, kv_heads, with_segments, seed=length)
   cotangent = jax.random.normal(jax.random.PRNGKey(7), q.shape)
 
-  def loss(attention_fn, q, k, v):
-    return jnp.sum(attention_fn(q, k, v) * cotangent)
+  def output_and_grads(attention_fn):
+    """attention_fn's output and the gradients of sum(output * cotangent): one compile."""
+    def run(q, k, v):
+      out, vjp = jax.vjp(attention_fn, q, k, v)
+      return out, vjp(cotangent)
 
-  def candidate(q, k, v):
-    return attention_lib.attention(q, k, v, segments, segments, implementation=implementation,
-                                   block_size=block)
+    return jax.jit(run)(q, k, v)
 
-  def reference(q, k, v):
-    return attention_lib.reference_attention(q, k, v, segments, segments)
-
-  np.testing.assert_allclose(candidate(q, k, v), reference(q, k, v), atol=1e-5)
-  grads = jax.grad(lambda *a: loss(candidate, *a), argnums=(0, 1, 2))(q, k, v)
-  expected = jax.grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2))(q, k, v)
+  got, grads = output_and_grads(lambda q, k, v: attention_lib.attention(
+      q, k, v, segments, segments, implementation=implementation, block_size=block))
+  want, expected = output_and_grads(
+      lambda q, k, v: attention_lib.reference_attention(q, k, v, segments, segments))
+  np.testing.assert_allclose(got, want, atol=1e-5)
   for grad, want in zip(grads, expected):
     np.testing.assert_allclose(grad, want, atol=2e-5)
 

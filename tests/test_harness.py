@@ -319,9 +319,8 @@ def test_lm_evals_own_command_line_runs_a_checkpoint(corpus_dirs, small_config, 
   want = harness.evaluate(harness.HarnessModel(model, tokenizer), ['local_choice'], task_dir)
   assert got['acc,none'] == pytest.approx(want['local_choice']['acc'])
   assert got['acc_norm,none'] == pytest.approx(want['local_choice']['acc_norm'])
-  wrong = subprocess.run(
-      command +
-      ['--model_args', 'work_dir=x', '--tasks', 'local_choice', '--include_path', task_dir],
-      cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert wrong.returncode != 0
-  assert 'error: --model_args for llama_jax take workdir=W[,step=N,bfloat16=True]' in wrong.stderr
+  with pytest.raises(
+      UserError,
+      match=r'--model_args for llama_jax take workdir=W\[,step=N,bfloat16=True\]; got work_dir=x\.'
+  ):
+    lm_eval_model.LlamaJaxLM.create_from_arg_string('work_dir=x')  # what lm_eval's CLI calls
