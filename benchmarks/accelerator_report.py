@@ -82,9 +82,8 @@ FULL = Plan('configs.small', {}, ('none', 'save_dots', 'full'), PAPER_SHAPES, 32
             ('float32', 'bf16 state', 'bf16 weights + host master', 'bf16 weights + no master'),
             (('7B', 4096, 32, 32), ('13B', 5120, 40, 40)), (1, 16), 128, 128, (2, 512, 8, 2, 128))
 SMOKE = Plan('configs.tiny', dict(seq_len=128, batch_size=4), ('save_dots', 'full'),
-             (('a', 64, 4, 2), ('b', 128, 4, 2)), 512, 128,
-             ('float32', 'bf16 weights + no master'), (('a', 64, 4, 2),), (1, 2), 8, 8,
-             (2, 128, 4, 2, 32))
+             (('a', 64, 4, 2), ('b', 128, 4, 2)), 512, 128, ('float32', 'bf16 weights + no master'),
+             (('a', 64, 4, 2),), (1, 2), 8, 8, (2, 128, 4, 2, 32))
 # The CPU reports no memory limit; this one lets shape a fit and b only with one layer in
 # both smoke modes (b with 2 layers: 8.9 MB bfloat16, 1 layer: 8.1 MB float32).
 SMOKE_MEMORY_LIMIT = 8.3 * 2**20
