@@ -165,6 +165,21 @@ def test_attention_flops_per_chip_stay_within_the_whole_sequence_s_over_the_chip
   assert low * whole / 8 <= per_chip <= high * whole / 8, (per_chip, whole / 8)
 
 
+@pytest.mark.parametrize('block', [64, 96, 128])  # within a chunk, across chunks' edges
+def test_splash_mask_answers_every_block_as_the_dense_causal_mask_does(block):
+  """The load-balanced mask answers splash's whole blocks without evaluating them; every
+  block equals the causal mask of each row's natural index, built densely here."""
+  length, shards = 768, 3
+  mask = context_parallel._load_balanced_causal_mask(length, shards)
+  natural = np.asarray(context_parallel.from_layout(jnp.arange(length)[None], shards))[0]
+  layout_index = np.argsort(natural)  # the natural index of each row of the layout
+  dense = layout_index[:, None] >= np.arange(length)[None, :]
+  for q in range(0, length, block):
+    for kv in range(0, length, block):
+      window = slice(q, q + block), slice(kv, kv + block)
+      np.testing.assert_array_equal(mask[window], dense[window])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('sizes', [MESHES[0], MESHES[2]])  # 4 and 2 sequence shards
 def test_splash_attends_each_chip_s_own_queries_in_interpret_mode(sizes):
