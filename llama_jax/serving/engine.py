@@ -102,8 +102,8 @@ def sample_rows(logits, seeds, counts, temperature, top_p):
   def nothing(logits):
     return jnp.zeros(logits.shape[:1], jnp.int32)
 
-  # Each way is computed only when some row takes it (either costs as much as a small
-  # model's layer on a CPU).
+  # Each way is computed only when some row takes it (the argmax over the vocabulary alone
+  # was 0.3 ms of a 16-row step of the tiny model on a CPU).
   sampled = jax.lax.cond(jnp.any(temperature > 0), sample, nothing, scaled)
   return jnp.where(temperature > 0, sampled,
                    jax.lax.cond(jnp.all(temperature > 0), nothing, greedy, logits))
@@ -285,16 +285,16 @@ class Engine:
     while self._pending:
       _deliver(self._pending.popleft(), Finished('cancelled'))
 
-  def prefill_rows(self, padded: int) -> int:
+  def _prompts_per_prefill(self, padded: int) -> int:
     """How many prompts of bucket `padded` one prefill call computes (always that many: a
     row's result then never depends on how many requests were waiting with it)."""
     return min(self.slots, max(1, PREFILL_TOKENS // padded))
 
   def _prefill_rows(self, group: list[tuple[int, Request]]):
-    """Prefills (slot, request) pairs of one bucket, at most prefill_rows of them, in one
+    """Prefills (slot, request) pairs of one bucket, at most _prompts_per_prefill of them, in one
     call (the first repeated to fill the rows); returns the picked tokens' arrays."""
     padded = bucket(len(group[0][1].prompt), self.max_len)
-    rows = group + group[:1] * (self.prefill_rows(padded) - len(group))
+    rows = group + group[:1] * (self._prompts_per_prefill(padded) - len(group))
     tokens = np.zeros((len(rows), padded), np.int32)
     for row, (_, request) in enumerate(rows):
       tokens[row, :len(request.prompt)] = request.prompt
@@ -322,7 +322,7 @@ class Engine:
       else:
         groups[bucket(len(request.prompt), self.max_len)].append((slot, request))
     for padded, waiting in groups.items():
-      size = self.prefill_rows(padded)
+      size = self._prompts_per_prefill(padded)
       for start in range(0, len(waiting), size):
         group = waiting[start:start + size]
         picked = self._prefill_rows(group)
