@@ -161,13 +161,35 @@ class LayerCache(NamedTuple):
 
   Every layer's keys and values travel together through the layer scan (as its carry) and
   each layer updates only its own slice, in place: as scan outputs they would be copied whole
-  at every decode step.
+  at every decode step. They travel as bits (`as_bits`).
   """
   k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
   v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
   segment_ids: jax.Array  # [batch, max_len], already holding the new tokens' ids
   index: jax.Array  # [batch]
   layer: jax.Array  # [] int32
+
+
+def as_bits(x):
+  """16-bit floats as the uint16 of their bits (other dtypes as they are). XLA:CPU slices and
+  updates a bfloat16 array by converting all of it to float32 and back; integers it updates
+  in place."""
+  return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype in (jnp.bfloat16,
+                                                                    jnp.float16) else x
+
+
+def from_bits(x, dtype):
+  """The inverse of as_bits for an array of `dtype`."""
+  return jax.lax.bitcast_convert_type(x, dtype) if x.dtype == jnp.uint16 else x
+
+
+def write_tokens(stack, layer, new, index):
+  """stack [layers, batch, max_len, ...] (bits) with new [batch, length, ...] written into
+  `layer` from each row's index (positions past max_len dropped): a scatter of the new
+  tokens alone, in place."""
+  batch, length = new.shape[:2]
+  positions = index[:, None] + jnp.arange(length)  # [batch, length]
+  return stack.at[layer, jnp.arange(batch)[:, None], positions].set(as_bits(new), mode='drop')
 
 
 def write_rows(buffer, new, index):
@@ -259,9 +281,10 @@ class Attention(nnx.Module):
                                     context_parallel=config.context_parallel)
     else:  # decoding: append to this layer's cache, attend to everything written so far
       layer = cache.layer
-      cache = cache._replace(k=cache.k.at[layer].set(write_rows(cache.k[layer], k, cache.index)),
-                             v=cache.v.at[layer].set(write_rows(cache.v[layer], v, cache.index)))
-      out = attention_lib.reference_attention(q, cache.k[layer], cache.v[layer], segment_ids,
+      cache = cache._replace(k=write_tokens(cache.k, layer, k, cache.index),
+                             v=write_tokens(cache.v, layer, v, cache.index))
+      out = attention_lib.reference_attention(q, from_bits(cache.k[layer], k.dtype),
+                                              from_bits(cache.v[layer], v.dtype), segment_ids,
                                               cache.segment_ids, cache.index)
     out = checkpoint_name(constrain(out, ('batch', 'length', 'act_heads', None)), 'attention_out')
     out = project(out, self.wo[...].astype(dtype), contract=2) + lora_lib.delta(
@@ -383,12 +406,15 @@ class Transformer(nnx.Module):
     if self.config.remat != 'none':
       apply_block = jax.checkpoint(apply_block, policy=policy,
                                    prevent_cse=not self.config.scan_layers)
-    carry = (x, None if cache is None else (cache.k, cache.v))
+    carry = (x, None if cache is None else (as_bits(cache.k), as_bits(cache.v)))
     if self.config.scan_layers:
-      return jax.lax.scan(apply_block, carry, (layer_params, layers))[0]
-    for i in range(self.config.n_layers):
-      carry, _ = apply_block(carry, jax.tree.map(lambda a: a[i], (layer_params, layers)))
-    return carry
+      x, kv = jax.lax.scan(apply_block, carry, (layer_params, layers))[0]
+    else:
+      for i in range(self.config.n_layers):
+        carry, _ = apply_block(carry, jax.tree.map(lambda a: a[i], (layer_params, layers)))
+      x, kv = carry
+    return x, None if kv is None else (from_bits(kv[0], cache.k.dtype),
+                                       from_bits(kv[1], cache.v.dtype))
 
 
 def abstract_model(config: ModelConfig) -> Transformer:

@@ -8,9 +8,11 @@ server goes on serving.
 """
 
 import asyncio
+import functools
 import hmac
 import json
 import random
+import threading
 import time
 import uuid
 
@@ -79,6 +81,7 @@ class Server:
     self.metrics, self.api_key, self.max_tokens_cap = metrics, api_key, max_tokens_cap
     self.chat_template = chat_template
     self.created = int(time.time())
+    self._mailbox = None  # engine events to the event loop
 
   def app(self) -> Starlette:
     return Starlette(
@@ -180,17 +183,22 @@ class Server:
       request.cancelled.set()
 
   async def _next(self, request, events, text: TextStream, logprobs, pieces):
-    """Waits for the engine's next event: (pieces of text so far, finish reason or None)."""
+    """Waits for the engine's next event and takes the ones already behind it too (when the
+    engine is ahead of the HTTP layer they become one chunk): (pieces of text so far, finish
+    reason or None)."""
     event = await events.get()
-    if isinstance(event, engine_lib.Finished):
-      reason = 'length' if event.reason == 'length' else event.reason
-      return pieces + [text.finish()], 'stop' if reason in ('stop', 'cancelled') else reason
-    pieces = pieces + [text.add(event.id)]
-    logprobs.add(event)
-    if text.stopped:
-      request.cancelled.set()
-      return pieces, 'stop'
-    return pieces, None
+    while True:
+      if isinstance(event, engine_lib.Finished):
+        reason = 'length' if event.reason == 'length' else event.reason
+        return pieces + [text.finish()], 'stop' if reason in ('stop', 'cancelled') else reason
+      pieces = pieces + [text.add(event.id)]
+      logprobs.add(event)
+      if text.stopped:
+        request.cancelled.set()
+        return pieces, 'stop'
+      if events.empty():
+        return pieces, None
+      event = events.get_nowait()
 
   def _authorize(self, http: HttpRequest):
     if not self.api_key:
@@ -274,7 +282,8 @@ class Server:
     request = engine_lib.Request(prompt, max_tokens, deliver=None, temperature=temperature,
                                  top_p=top_p,
                                  seed=(random.randrange(2**31) if seed is None else seed % 2**31),
-                                 stop_ids=self.tokenizer.stop_ids)
+                                 stop_ids=self.tokenizer.stop_ids, logprobs=(options['logprobs']
+                                                                             is not None))
     options = dict(options, stream=stream, include_usage=bool(stream_options.get('include_usage')),
                    id=f'{"chatcmpl" if options["chat"] else "cmpl"}-{uuid.uuid4().hex}',
                    created=int(time.time()))
@@ -282,7 +291,9 @@ class Server:
 
   def _submit(self, request) -> asyncio.Queue:
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
-    request.deliver = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+    if self._mailbox is None or self._mailbox.loop is not loop:
+      self._mailbox = _Mailbox(loop)
+    request.deliver = functools.partial(self._mailbox.post, events)
     try:
       self.engine.submit(request)
     except engine_lib.QueueFull:
@@ -314,6 +325,30 @@ class Server:
   def _answer(self, endpoint: str, response: Response) -> Response:
     self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
     return response
+
+
+class _Mailbox:
+  """Hands the engine thread's events to the event loop's queues, waking the loop once for
+  all the events posted until it runs (a decode step posts a token to every busy slot), not
+  once per token."""
+  def __init__(self, loop: asyncio.AbstractEventLoop):
+    self.loop = loop
+    self._lock = threading.Lock()
+    self._pending = []  # (queue, event), in order
+
+  def post(self, queue: asyncio.Queue, event):
+    """Engine thread: queues `event` for `queue` (RuntimeError once the loop has closed)."""
+    with self._lock:
+      self._pending.append((queue, event))
+      if len(self._pending) > 1:
+        return  # a wakeup is on its way
+    self.loop.call_soon_threadsafe(self._hand_over)
+
+  def _hand_over(self):
+    with self._lock:
+      pending, self._pending = self._pending, []
+    for queue, event in pending:
+      queue.put_nowait(event)
 
 
 class _Logprobs:

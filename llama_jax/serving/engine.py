@@ -1,11 +1,12 @@
 """Continuous batching over one shared KV cache (JetStream's prefill / insert / generate).
 
 One thread owns the devices. The cache has `slots` rows of `max_len` positions. Between
-decode steps a waiting request is prefilled (its prompt right-padded to a power-of-two
-bucket, so few shapes compile) and inserted into a free row; each decode step advances
-every row at once in one jitted function, and a row is free again as soon as its request
-ends. Each row samples with its own temperature, top_p and key (the request's seed folded
-with the token's index), so a seeded request gives the same tokens alone or among others.
+decode steps the waiting requests are prefilled (each prompt right-padded to a power-of-two
+bucket, several prompts of a bucket in one call, so few shapes compile) and inserted into
+free rows; each decode step advances every row at once in one jitted function, and a row is
+free again as soon as its request ends. Each row samples with its own temperature, top_p and
+key (the request's seed folded with the token's index), so a seeded request gives the same
+tokens alone or among others.
 """
 
 import collections
@@ -27,6 +28,9 @@ from llama_jax import model as model_lib
 
 TOP_LOGPROBS = 5  # alternatives reported per token (OpenAI's largest `logprobs`)
 _SMALLEST_BUCKET = 16
+# Prompt tokens (padding included) that one prefill call computes: a bucket's prompts are
+# prefilled PREFILL_TOKENS // bucket at a time (at least one, at most the slots).
+PREFILL_TOKENS = 128
 
 
 class QueueFull(Exception):
@@ -36,8 +40,8 @@ class QueueFull(Exception):
 @dataclasses.dataclass(frozen=True)
 class Token:
   id: int
-  logprob: float  # log p(id) under the model (temperature 1)
-  top: tuple[tuple[int, float], ...]  # the TOP_LOGPROBS most likely (id, logprob)
+  logprob: float = 0.0  # log p(id) under the model (temperature 1), if the request asks
+  top: tuple[tuple[int, float], ...] = ()  # the TOP_LOGPROBS most likely (id, logprob), too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +60,7 @@ class Request:
   top_p: float = 1.0
   seed: int = 0
   stop_ids: frozenset[int] = frozenset()
+  logprobs: bool = False  # each Token carries its logprob and the most likely alternatives
   cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
   submitted: float = dataclasses.field(default_factory=time.monotonic)
   generated: int = 0
@@ -79,25 +84,46 @@ def sample_rows(logits, seeds, counts, temperature, top_p):
     cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
     return jnp.where(scaled < cutoff, -jnp.inf, scaled)
 
-  # The sort is most of a small model's step on a CPU: skipped when no row asks for top_p.
-  scaled = jax.lax.cond(jnp.any(top_p < 1), nucleus, lambda scaled: scaled, scaled)
-  keys = jax.vmap(lambda seed, count: jax.random.fold_in(jax.random.key(seed), count))(seeds,
-                                                                                       counts)
-  # Inverse transform sampling: the first token whose cumulative probability passes one uniform
-  # number per row (a Gumbel draw per vocabulary entry costs 4x as much on a CPU).
-  uniform = jax.vmap(jax.random.uniform)(keys)  # [rows] in [0, 1)
-  cumulative = jnp.cumsum(jax.nn.softmax(scaled, axis=-1), axis=-1)  # [rows, vocab]
-  sampled = jnp.minimum(jnp.sum(cumulative <= uniform[:, None] * cumulative[:, -1:], axis=-1),
-                        logits.shape[-1] - 1)
-  return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+  def sample(scaled):
+    # The sort is most of a small model's step on a CPU: skipped when no row asks for top_p.
+    scaled = jax.lax.cond(jnp.any(top_p < 1), nucleus, lambda scaled: scaled, scaled)
+    keys = jax.vmap(lambda seed, count: jax.random.fold_in(jax.random.key(seed), count))(seeds,
+                                                                                         counts)
+    # Inverse transform sampling: the first token whose cumulative probability passes one
+    # uniform number per row (a Gumbel draw per vocabulary entry costs 4x as much on a CPU).
+    uniform = jax.vmap(jax.random.uniform)(keys)  # [rows] in [0, 1)
+    cumulative = jnp.cumsum(jax.nn.softmax(scaled, axis=-1), axis=-1)  # [rows, vocab]
+    return jnp.minimum(jnp.sum(cumulative <= uniform[:, None] * cumulative[:, -1:], axis=-1),
+                       logits.shape[-1] - 1).astype(jnp.int32)
+
+  def greedy(logits):
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def nothing(logits):
+    return jnp.zeros(logits.shape[:1], jnp.int32)
+
+  # Each way is computed only when some row takes it (the argmax over the vocabulary alone
+  # was 0.3 ms of a 16-row step of the tiny model on a CPU).
+  sampled = jax.lax.cond(jnp.any(temperature > 0), sample, nothing, scaled)
+  return jnp.where(temperature > 0, sampled,
+                   jax.lax.cond(jnp.all(temperature > 0), nothing, greedy, logits))
 
 
-def _pick(logits, seeds, counts, temperature, top_p):
-  """(tokens [rows], their logprobs [rows], top ids and logprobs [rows, TOP_LOGPROBS])."""
+def _pick(logits, seeds, counts, temperature, top_p, logprobs):
+  """(tokens [rows], their logprobs [rows], top ids and logprobs [rows, TOP_LOGPROBS]); the
+  logprobs are computed only when some row asks for them (`logprobs` [rows] bool), else 0."""
   tokens = sample_rows(logits, seeds, counts, temperature, top_p)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  top_logp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
-  return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], top_ids, top_logp
+
+  def with_logprobs(logits):
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    top_logp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+    return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], top_ids, top_logp
+
+  def without(logits):
+    return jax.tree.map(lambda like: jnp.zeros(like.shape, like.dtype),
+                        jax.eval_shape(with_logprobs, logits))
+
+  return tokens, *jax.lax.cond(jnp.any(logprobs), with_logprobs, without, logits)
 
 
 def _placed(cache, shardings):
@@ -109,42 +135,59 @@ def _placed(cache, shardings):
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'shardings'), donate_argnames=('cache',))
-def _prefill(params, cache, tokens, length, slot, seed, temperature, top_p, *, graphdef, shardings):
-  """Runs one prompt (tokens [1, bucket], `length` real ones, then padding), writes its keys
-  and values into row `slot` of the cache and picks its first token."""
+def _prefill(params, cache, tokens, lengths, slots, seeds, temperature, top_p, logprobs, *,
+             graphdef, shardings):
+  """Runs prompts (tokens [prompts, bucket], lengths [prompts] real ones each, then
+  padding), writes each one's keys and values into its row `slots` [prompts] of the cache
+  and picks its first token. A row may repeat an earlier one (same prompt, same slot)."""
   model = nnx.merge(graphdef, params)
-  padded = tokens.shape[1]
-  segment_ids = (jnp.arange(padded) < length).astype(jnp.int32)[None]  # [1, bucket]
+  prompts, padded = tokens.shape
+  segment_ids = (jnp.arange(padded)[None] < lengths[:, None]).astype(jnp.int32)
   logits, fresh = model(tokens, None, segment_ids,
-                        cache=model_lib.KVCache.zeros(model.config, 1, padded))
-  last = jax.lax.dynamic_slice_in_dim(logits[0], length - 1, 1)  # [1, vocab]
-  picked = _pick(last, seed[None], jnp.zeros((1,), jnp.int32), temperature[None], top_p[None])
-  row_segments = jnp.zeros((1, cache.segment_ids.shape[1]), jnp.int32).at[:, :padded].set(
-      segment_ids)  # the rest of the row is free: invisible until decoding writes it
-  cache = model_lib.KVCache(
-      jax.lax.dynamic_update_slice(cache.k, fresh.k, (0, slot, 0, 0, 0)),
-      jax.lax.dynamic_update_slice(cache.v, fresh.v, (0, slot, 0, 0, 0)),
-      jax.lax.dynamic_update_slice(cache.segment_ids, row_segments, (slot, 0)),
-      cache.index.at[slot].set(length))  # decoding continues after the last real token
+                        cache=model_lib.KVCache.zeros(model.config, prompts, padded))
+  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [prompts, vocab]
+  picked = _pick(last, seeds, jnp.zeros_like(seeds), temperature, top_p, logprobs)
+  # The rest of each row is free: invisible until decoding writes it.
+  row_segments = jnp.zeros((prompts, cache.segment_ids.shape[1]),
+                           jnp.int32).at[:, :padded].set(segment_ids)
+  k, v, cached_segments = cache.k, cache.v, cache.segment_ids
+  for row in range(prompts):
+    slot = slots[row]
+    k = jax.lax.dynamic_update_slice(k, model_lib.as_bits(fresh.k[:, row:row + 1]),
+                                     (0, slot, 0, 0, 0))
+    v = jax.lax.dynamic_update_slice(v, model_lib.as_bits(fresh.v[:, row:row + 1]),
+                                     (0, slot, 0, 0, 0))
+    cached_segments = jax.lax.dynamic_update_slice(cached_segments, row_segments[row:row + 1],
+                                                   (slot, 0))
+  # Decoding continues after each prompt's last real token.
+  cache = model_lib.KVCache(k, v, cached_segments, cache.index.at[slots].set(lengths))
   return picked, _placed(cache, shardings)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'shardings', 'window'),
                    donate_argnames=('cache',))
-def _decode(params, cache, tokens, seeds, counts, temperature, top_p, *, graphdef, shardings,
-            window):
+def _decode(params, cache, tokens, seeds, counts, temperature, top_p, logprobs, *, graphdef,
+            shardings, window):
   """One token for every row: tokens and sampling arguments [slots]; each row attends to its
-  own keys, its new ones written at its own index. Only the first `window` positions of the
-  cache (a bucket holding every busy row) are read and written, in place."""
+  own keys, its new ones written at its own index. The model reads only the first `window`
+  positions of the cache (a bucket holding every busy row); the new keys and values alone
+  are written back, in place."""
   model = nnx.merge(graphdef, params)
-  view = model_lib.KVCache(cache.k[:, :, :window], cache.v[:, :, :window],
+  dtype = model.config.compute_dtype
+  view = model_lib.KVCache(model_lib.from_bits(cache.k[:, :, :window], dtype),
+                           model_lib.from_bits(cache.v[:, :, :window], dtype),
                            cache.segment_ids[:, :window], cache.index)
   logits, view = model(tokens[:, None], cache=view)  # [slots, 1, vocab]; positions: the index
+  rows, written = jnp.arange(tokens.shape[0]), cache.index  # where each row's new token went
+
+  def write_back(stack, new):  # a free row's index may lie past the window: garbage, unseen
+    new = model_lib.as_bits(new)[:, rows, jnp.minimum(written, window - 1)]
+    return stack.at[:, rows, written].set(new, mode='drop')  # [layers, slots, kv_heads, head_dim]
+
   cache = model_lib.KVCache(
-      jax.lax.dynamic_update_slice(cache.k, view.k, (0,) * 5),
-      jax.lax.dynamic_update_slice(cache.v, view.v, (0,) * 5),
+      write_back(cache.k, view.k), write_back(cache.v, view.v),
       jax.lax.dynamic_update_slice(cache.segment_ids, view.segment_ids, (0, 0)), view.index)
-  return _pick(logits[:, 0], seeds, counts, temperature, top_p), _placed(cache, shardings)
+  return _pick(logits[:, 0], seeds, counts, temperature, top_p, logprobs), _placed(cache, shardings)
 
 
 class Engine:
@@ -160,8 +203,9 @@ class Engine:
     tensor = dict(mesh.shape).get('tensor', 1)
     heads = 'tensor' if tensor > 1 and model.config.kv_heads % tensor == 0 else None
     self._shardings = (NamedSharding(mesh, P(None, None, None, heads)), NamedSharding(mesh, P()))
-    self._cache = jax.device_put(
-        model_lib.KVCache.zeros(model.config, slots, self.max_len),
+    zeros = model_lib.KVCache.zeros(model.config, slots, self.max_len)
+    self._cache = jax.device_put(  # keys and values as bits, updated in place (model.as_bits)
+        dataclasses.replace(zeros, k=model_lib.as_bits(zeros.k), v=model_lib.as_bits(zeros.v)),
         model_lib.KVCache(*self._shardings[:1] * 2, *self._shardings[1:] * 2))
     self._active: list[Request | None] = [None] * slots
     # Per row: the last token and the sampling arguments, sent to each decode step.
@@ -169,6 +213,7 @@ class Engine:
     self._seeds = np.zeros(slots, np.int32)
     self._temperature = np.zeros(slots, np.float32)
     self._top_p = np.ones(slots, np.float32)
+    self._logprobs = np.zeros(slots, bool)
     self._pending = collections.deque()
     self._wakeup = threading.Condition()
     self._stopping = False
@@ -208,7 +253,7 @@ class Engine:
     length = _SMALLEST_BUCKET
     while True:
       padded = bucket(length, self.max_len)
-      self._prefill_into(0, Request([0] * padded, 0, lambda event: None))
+      self._prefill_rows([(0, Request([0] * padded, 0, lambda event: None))])
       self._step(window=padded)
       if padded == self.max_len:
         break
@@ -226,8 +271,7 @@ class Engine:
           if request is None and self._pending:
             admitted.append((slot, self._pending.popleft()))
       try:
-        for slot, request in admitted:
-          self._insert(slot, request)
+        self._insert(admitted)
         if self.slots_busy:
           self._step()
       except Exception as error:  # noqa: BLE001  (the server keeps serving the next requests)
@@ -241,27 +285,54 @@ class Engine:
     while self._pending:
       _deliver(self._pending.popleft(), Finished('cancelled'))
 
-  def _prefill_into(self, slot: int, request: Request):
-    padded = bucket(len(request.prompt), self.max_len)
-    tokens = np.zeros((1, padded), np.int32)
-    tokens[0, :len(request.prompt)] = request.prompt
-    picked, self._cache = _prefill(self.params, self._cache, tokens, np.int32(len(request.prompt)),
-                                   np.int32(slot), np.int32(request.seed),
-                                   np.float32(request.temperature), np.float32(request.top_p),
-                                   graphdef=self.graphdef, shardings=self._shardings)
+  def _prompts_per_prefill(self, padded: int) -> int:
+    """How many prompts of bucket `padded` one prefill call computes (always that many: a
+    row's result then never depends on how many requests were waiting with it)."""
+    return min(self.slots, max(1, PREFILL_TOKENS // padded))
+
+  def _prefill_rows(self, group: list[tuple[int, Request]]):
+    """Prefills (slot, request) pairs of one bucket, at most _prompts_per_prefill of them, in one
+    call (the first repeated to fill the rows); returns the picked tokens' arrays."""
+    padded = bucket(len(group[0][1].prompt), self.max_len)
+    rows = group + group[:1] * (self._prompts_per_prefill(padded) - len(group))
+    tokens = np.zeros((len(rows), padded), np.int32)
+    for row, (_, request) in enumerate(rows):
+      tokens[row, :len(request.prompt)] = request.prompt
+
+    def field(read, dtype):
+      return np.array([read(slot, request) for slot, request in rows], dtype)
+
+    picked, self._cache = _prefill(self.params, self._cache, tokens,
+                                   field(lambda _, r: len(r.prompt), np.int32),
+                                   field(lambda slot, _: slot, np.int32),
+                                   field(lambda _, r: r.seed, np.int32),
+                                   field(lambda _, r: r.temperature, np.float32),
+                                   field(lambda _, r: r.top_p, np.float32),
+                                   field(lambda _, r: r.logprobs, bool), graphdef=self.graphdef,
+                                   shardings=self._shardings)
     return jax.device_get(picked)
 
-  def _insert(self, slot: int, request: Request):
-    if request.cancelled.is_set():
-      _deliver(request, Finished('cancelled'))
-      return
-    picked = self._prefill_into(slot, request)
-    self._active[slot] = request
-    self._seeds[slot], self._temperature[slot] = request.seed, request.temperature
-    self._top_p[slot] = request.top_p
-    if self.metrics:
-      self.metrics.time_to_first_token.observe(time.monotonic() - request.submitted)
-    self._advance(slot, *(value[0] for value in picked))
+  def _insert(self, admitted: list[tuple[int, Request]]):
+    """Prefills the admitted (slot, request) pairs, a bucket's worth of prompts per call, and
+    hands each its first token."""
+    groups = collections.defaultdict(list)  # bucket -> (slot, request), in order of arrival
+    for slot, request in admitted:
+      if request.cancelled.is_set():
+        _deliver(request, Finished('cancelled'))
+      else:
+        groups[bucket(len(request.prompt), self.max_len)].append((slot, request))
+    for padded, waiting in groups.items():
+      size = self._prompts_per_prefill(padded)
+      for start in range(0, len(waiting), size):
+        group = waiting[start:start + size]
+        picked = self._prefill_rows(group)
+        for row, (slot, request) in enumerate(group):
+          self._active[slot] = request
+          self._seeds[slot], self._temperature[slot] = request.seed, request.temperature
+          self._top_p[slot], self._logprobs[slot] = request.top_p, request.logprobs
+          if self.metrics:
+            self.metrics.time_to_first_token.observe(time.monotonic() - request.submitted)
+          self._advance(slot, *(value[row] for value in picked))
 
   def _step(self, window: int | None = None):
     counts = np.array([r.generated if r else 0 for r in self._active], np.int32)
@@ -269,8 +340,8 @@ class Engine:
       window = bucket(max(len(r.prompt) + r.generated for r in self._active if r), self.max_len)
     start = time.monotonic()
     picked, self._cache = _decode(self.params, self._cache, self._tokens, self._seeds, counts,
-                                  self._temperature, self._top_p, graphdef=self.graphdef,
-                                  shardings=self._shardings, window=window)
+                                  self._temperature, self._top_p, self._logprobs,
+                                  graphdef=self.graphdef, shardings=self._shardings, window=window)
     picked = jax.device_get(picked)
     busy = 0
     for slot, request in enumerate(self._active):
@@ -291,13 +362,18 @@ class Engine:
     self._tokens[slot] = token
     if self.metrics:
       self.metrics.generated_tokens.inc()
-    _deliver(request,
-             Token(int(token), float(logprob), tuple(zip(top_ids.tolist(), top_logprobs.tolist()))))
+    if request.logprobs:
+      _deliver(
+          request,
+          Token(int(token), float(logprob), tuple(zip(top_ids.tolist(), top_logprobs.tolist()))))
+    else:
+      _deliver(request, Token(int(token)))
     if request.generated >= request.max_tokens:
       self._finish(slot, Finished('length'))
 
   def _finish(self, slot: int, event: Finished):
     request, self._active[slot] = self._active[slot], None
+    self._logprobs[slot] = False
     _deliver(request, event)
 
 
