@@ -12,7 +12,8 @@ each precision, profiles `--steps` steps of each after their warm-up:
   op name (`aten::mm`, `aten::addmm`, `aten::bmm` and attention's kernels are matmuls;
   what runs under the benchmark's 'optimizer' label is the optimizer update).
 It prints wall ms per step and, per category, ms per step summed over threads, its share
-of that sum, and the largest instructions/ops. XLA may run independent instructions on
+of that sum, and the largest instructions/ops; the matmul rate of both is our step's
+matmul FLOPs (from its HLO) over the matmul time. XLA may run independent instructions on
 several threads at once, so the sum can exceed the wall time; the "busy" figure is the
 time at least one instruction ran (the union of the leaf events), and wall minus busy is
 what ran no instruction (dispatch, waits). Needs the test extra (torch, transformers).
@@ -70,7 +71,8 @@ def busy_us(events: list[dict]) -> float:
   return total
 
 
-def _table(title: str, wall_ms: float, items: list[tuple[str, str, float]], extra: str):
+def _table(title: str, wall_ms: float, items: list[tuple[str, str, float]], extra: str,
+           matmul_flops: int):
   """Print ms per step by category; items: (category, name, ms per step)."""
   per_category = collections.defaultdict(float)
   per_name = collections.defaultdict(float)
@@ -79,7 +81,8 @@ def _table(title: str, wall_ms: float, items: list[tuple[str, str, float]], extr
     per_name[category, name] += ms
   total = sum(per_category.values())
   print(f'{title}: wall {wall_ms:,.0f} ms/step; events summed over threads {total:,.0f} ms/step'
-        f'{extra}')
+        f'{extra}; matmuls at {matmul_flops / per_category["matmul"] / 1e6:,.1f} GFLOP/s '
+        '(our step\'s matmul FLOPs)')
   for category, ms in sorted(per_category.items(), key=lambda kv: -kv[1]):
     largest = sorted(((v, n) for (c, n), v in per_name.items() if c == category), reverse=True)
     names = ', '.join(f'{n} {v:,.1f}' for v, n in largest[:4])
@@ -88,7 +91,8 @@ def _table(title: str, wall_ms: float, items: list[tuple[str, str, float]], extr
 
 def profile_ours(precision: str, tokens: np.ndarray):
   run, compiled, _, _ = vs_pytorch.our_step(precision, tokens)
-  named = hlo.instructions(compiled.as_text())
+  hlo_text = compiled.as_text()
+  named = hlo.instructions(hlo_text)
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
     start = time.perf_counter()
@@ -103,8 +107,12 @@ def profile_ours(precision: str, tokens: np.ndarray):
     label = f"{event['args']['hlo_op']} {instruction.shape.split('{')[0]}"
     items.append((instruction.category, label, event['dur'] / 1e3 / FLAGS.steps))
   threads = len({e['tid'] for e in leaves})
-  _table(f'ours {precision}', wall_ms, items,
-         f'; busy {busy_us(leaves) / 1e3 / FLAGS.steps:,.0f} ms/step; {threads} threads')
+  _table(
+      f'ours {precision}', wall_ms, items,
+      f'; busy {busy_us(leaves) / 1e3 / FLAGS.steps:,.0f} ms/step; '
+      f'{len(leaves) / FLAGS.steps:,.0f} instructions/step on {threads} threads',
+      hlo.dot_flops(hlo_text))
+  return hlo.dot_flops(hlo_text)
 
 
 def _torch_category(event, optimizer_ids: set[int]) -> str:
@@ -122,7 +130,7 @@ def _torch_category(event, optimizer_ids: set[int]) -> str:
   return 'reduce' if _TORCH_REDUCE.search(event.name) else 'elementwise'
 
 
-def profile_torch(precision: str, tokens: np.ndarray):
+def profile_torch(precision: str, tokens: np.ndarray, matmul_flops: int):
   run = vs_pytorch.torch_step(precision, tokens)
   with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
     start = time.perf_counter()
@@ -132,7 +140,7 @@ def profile_torch(precision: str, tokens: np.ndarray):
   optimizer_ids = {e.id for e in events if e.name == 'optimizer'}
   items = [(_torch_category(e, optimizer_ids), e.name, e.self_cpu_time_total / 1e3 / FLAGS.steps)
            for e in events]
-  _table(f'torch {precision}', wall_ms, items, ' (self times)')
+  _table(f'torch {precision}', wall_ms, items, ' (self times)', matmul_flops)
 
 
 def main(argv):
@@ -144,8 +152,7 @@ def main(argv):
         f'{FLAGS.vocab}, seq {FLAGS.seq}, batch {FLAGS.batch}, remat {FLAGS.remat}; '
         f'{FLAGS.steps} profiled steps; load average {os.getloadavg()[0]:.1f}')
   for precision in FLAGS.precisions:
-    profile_ours(precision, tokens)
-    profile_torch(precision, tokens)
+    profile_torch(precision, tokens, profile_ours(precision, tokens))
     print(f'  (load average {os.getloadavg()[0]:.1f})')
 
 
