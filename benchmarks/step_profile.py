@@ -14,9 +14,11 @@ each precision, profiles `--steps` steps of each after their warm-up:
 It prints wall ms per step and, per category, ms per step summed over threads, its share
 of that sum, and the largest instructions/ops; the matmul rate of both is our step's
 matmul FLOPs (from its HLO) over the matmul time. XLA may run independent instructions on
-several threads at once, so the sum can exceed the wall time; the "busy" figure is the
-time at least one instruction ran (the union of the leaf events), and wall minus busy is
-what ran no instruction (dispatch, waits). Needs the test extra (torch, transformers).
+several threads at once, so the sum can exceed the wall time. Some of XLA's instructions
+(Eigen's dots and parallel loops) run asynchronously: their event covers the launch, their
+'end:' event comes when the work is done; a time when no event runs is shared among the
+instructions in flight then, and what remains is printed as running no instruction.
+Needs the test extra (torch, transformers).
 """
 
 import collections
@@ -44,14 +46,26 @@ _TORCH_REDUCE = re.compile(r'sum|mean|norm|softmax|nll_loss|max|min|_log_softmax
 
 
 def leaf_events(trace_dir: str) -> list[dict]:
-  """The perfetto trace's HLO instruction events that contain no other on their thread."""
+  """The perfetto trace's HLO instruction events that contain no other on their thread,
+  each with 'end': when its 'end: NAME' event says it completed (an asynchronous one, such
+  as an Eigen dot, completes after its event)."""
   path, = glob.glob(os.path.join(trace_dir, '**', '*perfetto_trace.json.gz'), recursive=True)
   with gzip.open(path) as f:
     events = json.load(f)['traceEvents']
-  by_thread = collections.defaultdict(list)
+  by_thread, ends = collections.defaultdict(list), collections.defaultdict(list)
   for event in events:
     if event.get('ph') == 'X' and 'hlo_op' in event.get('args', {}):
       by_thread[event['tid']].append(event)
+    elif event.get('ph') == 'X' and event['name'].startswith('end: '):
+      ends[event['name'][len('end: '):]].append(event['ts'])
+  starts = collections.defaultdict(list)  # the k-th start of an instruction ends k-th
+  for thread in by_thread.values():
+    for event in thread:
+      starts[event['args']['hlo_op']].append(event)
+  for name, started in starts.items():
+    started.sort(key=lambda e: e['ts'])
+    for event, end in zip(started, sorted(ends[name]) + [None] * len(started)):
+      event['end'] = max(end or 0.0, event['ts'] + event['dur'])
   leaves = []
   for thread in by_thread.values():
     thread.sort(key=lambda e: (e['ts'], -e['dur']))
@@ -61,14 +75,30 @@ def leaf_events(trace_dir: str) -> list[dict]:
   return leaves
 
 
-def busy_us(events: list[dict]) -> float:
-  """Microseconds during which at least one of the events ran."""
-  total, end = 0.0, -np.inf
-  for event in sorted(events, key=lambda e: e['ts']):
-    start, stop = event['ts'], event['ts'] + event['dur']
-    total += max(0.0, stop - max(start, end))
-    end = max(end, stop)
-  return total
+def attributed_us(leaves: list[dict]) -> tuple[list[float], float]:
+  """Each leaf's microseconds: its own event, plus an equal share of the time when no event
+  ran but it was in flight (started, not yet completed); and the time with neither."""
+  points = sorted({t for e in leaves for t in (e['ts'], e['ts'] + e['dur'], e['end'])})
+  times, idle = [e['dur'] for e in leaves], 0.0
+  order = sorted(range(len(leaves)), key=lambda i: leaves[i]['ts'])
+  for start, stop in zip(points, points[1:]):
+    running, waiting = False, []
+    for i in order:
+      event = leaves[i]
+      if event['ts'] > start:
+        break
+      if start < event['ts'] + event['dur']:
+        running = True
+        break
+      if start < event['end']:
+        waiting.append(i)
+    if running:
+      continue
+    for i in waiting:
+      times[i] += (stop - start) / len(waiting)
+    if not waiting:
+      idle += stop - start
+  return times, idle
 
 
 def _table(title: str, wall_ms: float, items: list[tuple[str, str, float]], extra: str,
@@ -102,14 +132,15 @@ def profile_ours(precision: str, tokens: np.ndarray):
     leaves = leaf_events(trace_dir)
   unknown = hlo.Instruction('other', '?', '?')
   items = []
-  for event in leaves:
+  times, idle = attributed_us(leaves)
+  for event, us in zip(leaves, times):
     instruction = named.get(event['args']['hlo_op'], unknown)
     label = f"{event['args']['hlo_op']} {instruction.shape.split('{')[0]}"
-    items.append((instruction.category, label, event['dur'] / 1e3 / FLAGS.steps))
+    items.append((instruction.category, label, us / 1e3 / FLAGS.steps))
   threads = len({e['tid'] for e in leaves})
   _table(
       f'ours {precision}', wall_ms, items,
-      f'; busy {busy_us(leaves) / 1e3 / FLAGS.steps:,.0f} ms/step; '
+      f'; no instruction running or in flight {idle / 1e3 / FLAGS.steps:,.0f} ms/step; '
       f'{len(leaves) / FLAGS.steps:,.0f} instructions/step on {threads} threads',
       hlo.dot_flops(hlo_text))
   return hlo.dot_flops(hlo_text)
