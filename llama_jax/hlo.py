@@ -7,6 +7,7 @@ what crosses the interconnect per step (an op inside a loop counts once per iter
 
 import math
 import re
+from typing import NamedTuple
 
 import numpy as np
 
@@ -247,3 +248,89 @@ def dot_types(hlo_text: str) -> list[tuple[str, str, str]]:
             for inline, name in operand.findall(match.group(4))[:2]) + (element(match.group(2)),)
       for match in dots
   ]
+
+
+CATEGORIES = ('matmul', 'layout copy', 'scan bookkeeping', 'optimizer update', 'reduce',
+              'elementwise', 'other')
+_LAYOUT = {'copy', 'transpose', 'bitcast', 'reshape', 'parameter', 'tuple', 'get-tuple-element'}
+_BOOKKEEPING = {
+    'dynamic-slice', 'dynamic-update-slice', 'slice', 'concatenate', 'pad', 'while', 'conditional',
+    'call', 'tuple', 'get-tuple-element', 'parameter', 'constant', 'iota', 'gather', 'scatter',
+    'bitcast', 'reshape', 'broadcast', 'copy'
+}
+_UPDATE_FILES = re.compile(r'/optax/|/llama_jax/(?:steps|optim)\.py$')
+
+
+def _innermost_files(hlo_text: str) -> dict[str, str]:
+  """stack_frame_id -> the file of its innermost frame, from the module's frame tables."""
+  tables, current = {}, None
+  for line in hlo_text.splitlines():
+    if line in ('FileNames', 'FunctionNames', 'FileLocations', 'StackFrames'):
+      current = tables.setdefault(line, {})
+    elif not line.strip() or line.startswith('%') or line.startswith('ENTRY'):
+      current = None
+    elif current is not None:
+      key, _, value = line.partition(' ')
+      current[key] = value
+  files = {k: v.strip('"') for k, v in tables.get('FileNames', {}).items()}
+  location_file = {
+      k: files.get(re.search(r'file_name_id=(\d+)', v).group(1), '')
+      for k, v in tables.get('FileLocations', {}).items()
+  }
+  return {
+      k: location_file.get(re.search(r'file_location_id=(\d+)', v).group(1), '')
+      for k, v in tables.get('StackFrames', {}).items()
+  }
+
+
+class Instruction(NamedTuple):
+  category: str  # one of CATEGORIES
+  opcode: str
+  shape: str  # the result's type, e.g. 'f32[8,256,512]{2,1,0}'
+
+
+def instructions(hlo_text: str) -> dict[str, Instruction]:
+  """Each instruction of the module (the names a CPU profile's events carry) -> its
+  Instruction. Categories: a product (dot, convolution, or a fusion holding one) is 'matmul';
+  a fusion of copies/transposes only 'layout copy'; slicing, gathers, zero-filled buffers and
+  loop plumbing 'scan bookkeeping'; what the optimizer's code (optax, llama_jax/optim.py,
+  steps.py) emitted 'optimizer update'; other fusions 'reduce' when they hold a reduce, else
+  'elementwise'."""
+  computations = _computations(hlo_text)
+  frame_files = _innermost_files(hlo_text)
+  opcodes = {}  # computation -> opcodes of its instructions, called computations included
+  for name, lines in computations.items():
+    opcodes[name] = {m.group(3) for m in map(_INSTRUCTION.match, lines) if m}
+
+  def called_opcodes(rest: str) -> set[str]:
+    called = set()
+    for callee in re.findall(r'calls=%([\w.\-]+)', rest):
+      called |= opcodes.get(callee, set())
+    return called
+
+  categories = {}
+  for lines in computations.values():
+    for line in lines:
+      match = _INSTRUCTION.match(line)
+      if not match:
+        continue
+      name, opcode, rest = match.group(1), match.group(3), match.group(4)
+      inner = called_opcodes(rest) if opcode == 'fusion' else {opcode}
+      frame = re.search(r'stack_frame_id=(\d+)', rest)
+      source = frame_files.get(frame.group(1), '') if frame else ''
+      if inner & {'dot', 'convolution'}:
+        category = 'matmul'
+      elif opcode != 'while' and _UPDATE_FILES.search(source):
+        category = 'optimizer update'
+      elif inner <= _LAYOUT and inner & {'copy', 'transpose'}:
+        category = 'layout copy'
+      elif inner <= _BOOKKEEPING:
+        category = 'scan bookkeeping'
+      elif opcode == 'fusion' or inner & {'reduce', 'reduce-window'}:
+        category = 'reduce' if inner & {'reduce', 'reduce-window'} else 'elementwise'
+      elif opcode in ('custom-call', 'rng-bit-generator', 'sort'):
+        category = 'other'
+      else:
+        category = 'elementwise'
+      categories[name] = Instruction(category, opcode, match.group(2))
+  return categories

@@ -64,3 +64,29 @@ def test_dot_flops_read_the_convolutions_a_tpu_writes_matmuls_as():
       *[jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in shapes]).compile().as_text()
   assert ' convolution(' in text
   assert hlo.dot_flops(text) == 2 * 64 * 256 * 512 + 2 * 4 * 3 * 64 * 128 * 32
+
+
+def test_a_profiles_leaf_events_are_named_by_the_hlo_and_a_matmul_is_a_matmul(tmp_path):
+  from benchmarks import step_profile  # pylint: disable=import-outside-toplevel
+
+  # a chain of products (one per scan step) and a transpose
+  def products(a, b):
+    out, _ = jax.lax.scan(lambda x, _: (jnp.tanh(x @ b), None), a, None, length=3)
+    return out, a.T
+
+  a = jnp.ones((512, 512), jnp.float32)
+  compiled = jax.jit(products).lower(a, a).compile()
+  named = hlo.instructions(compiled.as_text())
+  jax.block_until_ready(compiled(a, a))
+  jax.profiler.start_trace(str(tmp_path), create_perfetto_trace=True)
+  jax.block_until_ready(compiled(a, a))
+  jax.profiler.stop_trace()
+  leaves = step_profile.leaf_events(str(tmp_path))
+  assert leaves and all(e['args']['hlo_op'] in named for e in leaves)
+  assert not any(named[e['args']['hlo_op']].opcode == 'while' for e in leaves)
+  times, _ = step_profile.attributed_us(leaves)
+  assert sum(times) >= sum(e['dur'] for e in leaves)  # asynchronous work is charged too
+  time_in = lambda category: sum(t for e, t in zip(leaves, times)
+                                 if named[e['args']['hlo_op']].category == category)
+  assert time_in('matmul') > 0.8 * sum(times)
+  assert time_in('layout copy') > 0  # the transpose
