@@ -3,6 +3,7 @@
 After SPMD partitioning every array in the HLO is one device's piece, so the largest
 arrays show whether some activation lives whole on each chip, and the collectives show
 what crosses the interconnect per step (an op inside a loop counts once per iteration).
+`instructions` names what each instruction is, for reading a CPU profile of the step.
 """
 
 import math
@@ -250,8 +251,6 @@ def dot_types(hlo_text: str) -> list[tuple[str, str, str]]:
   ]
 
 
-CATEGORIES = ('matmul', 'layout copy', 'scan bookkeeping', 'optimizer update', 'reduce',
-              'elementwise', 'other')
 _LAYOUT = {'copy', 'transpose', 'bitcast', 'reshape', 'parameter', 'tuple', 'get-tuple-element'}
 _BOOKKEEPING = {
     'dynamic-slice', 'dynamic-update-slice', 'slice', 'concatenate', 'pad', 'while', 'conditional',
@@ -265,7 +264,7 @@ def _innermost_files(hlo_text: str) -> dict[str, str]:
   """stack_frame_id -> the file of its innermost frame, from the module's frame tables."""
   tables, current = {}, None
   for line in hlo_text.splitlines():
-    if line in ('FileNames', 'FunctionNames', 'FileLocations', 'StackFrames'):
+    if line in ('FileNames', 'FileLocations', 'StackFrames'):
       current = tables.setdefault(line, {})
     elif not line.strip() or line.startswith('%') or line.startswith('ENTRY'):
       current = None
@@ -284,7 +283,7 @@ def _innermost_files(hlo_text: str) -> dict[str, str]:
 
 
 class Instruction(NamedTuple):
-  category: str  # one of CATEGORIES
+  category: str  # 'matmul', 'layout copy', ...: see `instructions`
   opcode: str
   shape: str  # the result's type, e.g. 'f32[8,256,512]{2,1,0}'
 

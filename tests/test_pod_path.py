@@ -56,9 +56,9 @@ def test_weak_scaling_keeps_the_memory_per_chip():
   global batch on every chip) grows 4x. Neither may the largest array on a chip grow, nor
   the bytes a chip all-gathers per step (one layer's weights at a time, keys and values
   across `sequence`): gathering an activation of the global batch grows with it. The mesh
-  with every axis is the one where an activation can lose a split; the fsdp-only default
-  mesh is held by the 7B test below (one activation replicated over its 2048-row batch
-  would take 32 GiB more than the 40 GiB it fits in).
+  with every axis is the one where an activation can lose a split. On the fsdp-only
+  default mesh only the 7B test below guards the total (one activation replicated over its
+  2048-row batch would add 32 GiB to the 40 GiB it fits in, past its bound).
   """
   mesh = MESHES['fsdp_sequence_tensor']
   small = compile_for('v5p-16', rows_per_fsdp_shard=4, **mesh)

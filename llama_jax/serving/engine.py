@@ -321,18 +321,25 @@ class Engine:
         _deliver(request, Finished('cancelled'))
       else:
         groups[bucket(len(request.prompt), self.max_len)].append((slot, request))
-    for padded, waiting in groups.items():
-      size = self._prompts_per_prefill(padded)
-      for start in range(0, len(waiting), size):
-        group = waiting[start:start + size]
-        picked = self._prefill_rows(group)
-        for row, (slot, request) in enumerate(group):
-          self._active[slot] = request
-          self._seeds[slot], self._temperature[slot] = request.seed, request.temperature
-          self._top_p[slot], self._logprobs[slot] = request.top_p, request.logprobs
-          if self.metrics:
-            self.metrics.time_to_first_token.observe(time.monotonic() - request.submitted)
-          self._advance(slot, *(value[row] for value in picked))
+    not_started = [pair for waiting in groups.values() for pair in waiting]
+    try:
+      for padded, waiting in groups.items():
+        size = self._prompts_per_prefill(padded)
+        for start in range(0, len(waiting), size):
+          group = waiting[start:start + size]
+          picked = self._prefill_rows(group)
+          for row, (slot, request) in enumerate(group):
+            not_started.remove((slot, request))
+            self._active[slot] = request
+            self._seeds[slot], self._temperature[slot] = request.seed, request.temperature
+            self._top_p[slot], self._logprobs[slot] = request.top_p, request.logprobs
+            if self.metrics:
+              self.metrics.time_to_first_token.observe(time.monotonic() - request.submitted)
+            self._advance(slot, *(value[row] for value in picked))
+    except Exception as error:
+      for _, request in not_started:  # admitted but never prefilled: answered here or never
+        _deliver(request, Finished('error', f'{type(error).__name__}: {error}'))
+      raise
 
   def _step(self, window: int | None = None):
     counts = np.array([r.generated if r else 0 for r in self._active], np.int32)
@@ -373,7 +380,8 @@ class Engine:
 
   def _finish(self, slot: int, event: Finished):
     request, self._active[slot] = self._active[slot], None
-    self._logprobs[slot] = False
+    # A free row asks for nothing, so the step's conds can skip what only it would need.
+    self._temperature[slot], self._top_p[slot], self._logprobs[slot] = 0.0, 1.0, False
     _deliver(request, event)
 
 
