@@ -84,11 +84,9 @@ def test_a_profiles_leaf_events_are_named_by_the_hlo_and_a_matmul_is_a_matmul(tm
   leaves = step_profile.leaf_events(str(tmp_path))
   assert leaves and all(e['args']['hlo_op'] in named for e in leaves)
   assert not any(named[e['args']['hlo_op']].opcode == 'while' for e in leaves)
-  times, _ = step_profile.attributed_us(leaves)
-  time_in = lambda category: sum(t for e, t in zip(leaves, times)
-                                 if named[e['args']['hlo_op']].category == category)
-  assert time_in('matmul') > 0.8 * sum(times)
-  assert time_in('layout copy') > 0  # the transpose
+  categories = [named[e['args']['hlo_op']].category for e in leaves]
+  assert categories.count('matmul') >= 3  # the product of each scan step
+  assert 'layout copy' in categories  # the transpose
 
 
 def test_time_an_instruction_is_in_flight_but_no_event_runs_is_charged_to_it():
