@@ -19,8 +19,9 @@ Implementations (config key `model.attention`):
 
 The three kernels run per device (shard_map over batch and heads) on a mesh, self-attention
 only; the Pallas ones also run on a CPU in interpret mode, which is how the tests check them.
-When the mesh splits the sequence, context_parallel.py runs reference, blockwise and splash
-on each chip's own queries.
+When the mesh splits the sequence, context_parallel.py runs reference, blockwise, splash and
+triton on each chip's own queries; cudnn still attends whole sequences per device (its API
+returns no log-sum-exp to merge partial results by).
 """
 
 import functools
@@ -117,10 +118,12 @@ def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, implementatio
                                           is not None, block=block_size or KERNEL_BLOCK)
   shards = context_lib.sequence_shards()
   if shards > 1 and q.shape[1] == k.shape[1]:
-    # Splash splits the queries itself, in whole blocks of each chip's share of the length.
-    splash_splits = implementation == 'splash' and length // shards % (block_size or
-                                                                       KERNEL_BLOCK) == 0
-    if implementation in ('reference', 'blockwise') or splash_splits:
+    # Splash splits the queries itself, in whole blocks of each chip's share of the length;
+    # triton runs on each chip's chunks, in whole blocks of a chunk.
+    block, chunk = block_size or KERNEL_BLOCK, length // (2 * shards)
+    splash_splits = implementation == 'splash' and length // shards % block == 0
+    triton_splits = implementation == 'triton' and chunk % min(block, chunk) == 0
+    if implementation in ('reference', 'blockwise') or splash_splits or triton_splits:
       return context_lib.attention(q, k, v, q_segment_ids, implementation=implementation,
                                    mode=context_parallel, block_size=block_size,
                                    interpret=platform == 'cpu')
@@ -398,17 +401,22 @@ def _splash_kernel(q, k, v, segment_ids, *, block, interpret):
 _TRITON_BLOCKS = {(64, 2): (128, 128), (128, 2): (128, 64), (64, 4): (128, 64), (128, 4): (64, 64)}
 
 
+def triton_block_sizes(q, block):
+  """The Triton kernel's blocks for queries like `q`, none larger than `block`."""
+  from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+  forward, backward = _TRITON_BLOCKS.get((q.shape[-1], q.dtype.itemsize), (block, 32))
+  forward, backward = min(forward, block), min(backward, block)
+  return gpu_attention.BlockSizes(block_q=forward, block_k=forward, block_q_dkv=backward,
+                                  block_kv_dkv=backward, block_q_dq=backward, block_kv_dq=backward)
+
+
 def _triton_kernel(q, k, v, segment_ids, *, block, interpret):
   """The Pallas GPU flash-attention kernel; it wants as many key/value heads as queries."""
   from jax.experimental.pallas.ops.gpu import attention as gpu_attention
   group = q.shape[2] // k.shape[2]
   k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-  forward, backward = _TRITON_BLOCKS.get((q.shape[-1], q.dtype.itemsize), (block, 32))
-  forward, backward = min(forward, block), min(backward, block)
-  sizes = gpu_attention.BlockSizes(block_q=forward, block_k=forward, block_q_dkv=backward,
-                                   block_kv_dkv=backward, block_q_dq=backward, block_kv_dq=backward)
   return gpu_attention.mha(q, k, v, segment_ids, sm_scale=q.shape[-1]**-0.5, causal=True,
-                           block_sizes=sizes, interpret=interpret)
+                           block_sizes=triton_block_sizes(q, block), interpret=interpret)
 
 
 def _cudnn_kernel(q, k, v, segment_ids, *, block, interpret):

@@ -15,7 +15,9 @@ of every chip t = r - s (mod N) in steps s = 0..N-1, attending only to what it m
   t > r   only the late chunk B sees t's two chunks, all of them.
 
 Every step after the first is 2C x C scores, so each chip computes 1/N of the causal
-attention of the whole sequence. The partial outputs merge by their log-sum-exp. Keys and
+attention of the whole sequence (each step's computation: partial_attention.py, for
+reference, blockwise and triton; splash runs below). The partial outputs merge by their
+log-sum-exp. Keys and
 values (`kv_heads` of them, never the repeated query heads) arrive by one all-gather
 (`all_gather`) or one chip to the next with ppermute (`ring`), each transfer issued a step
 ahead so that it overlaps the step's computation; the backward pass sends the key/value
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import attention as attention_lib
+from llama_jax import partial_attention
 from llama_jax import sharding as sharding_lib
 
 MODES = ('all_gather', 'ring')
@@ -72,105 +75,6 @@ def from_layout(tree, shards: int):
   if shards == 1:
     return tree
   return jax.tree.map(lambda x: _reorder(x, shards, np.argsort(chunk_order(shards))), tree)
-
-
-# ---------------------------------------------------------------------------
-# What one step computes: partial attention (out [batch, q_len, heads, head_dim] float32,
-# lse [batch, q_len, heads] float32, -inf where a query sees no key) and its gradients
-# given the whole row's out and lse. `dense` materializes the scores (the `reference`
-# implementation); `blockwise` is attention.py's online softmax over key blocks.
-
-
-def _dense_scores(q, k, q_seg, kv_seg, causal):
-  """Scaled scores [batch, kv_heads, group, q_len, kv_len] and their mask (same shape)."""
-  batch, q_len, heads, head_dim = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-  scores = jnp.einsum('bqkgh,bskh->bkgqs', q, k, preferred_element_type=jnp.float32)
-  mask = attention_lib.causal_mask(q_len, k.shape[1], 0, q_seg, kv_seg)
-  if not causal:
-    mask = q_seg[:, :, None] == kv_seg[:, None, :]
-  return scores * head_dim**-0.5, jnp.broadcast_to(mask[:, None, None], scores.shape)
-
-
-def _dense_forward(q, k, v, q_seg, kv_seg, causal):
-  scores, mask = _dense_scores(q, k, q_seg, kv_seg, causal)
-  row_max = jnp.max(jnp.where(mask, scores, attention_lib._MASKED), axis=-1, keepdims=True)
-  probs = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
-  row_sum = probs.sum(-1)  # [batch, kv_heads, group, q_len]
-  out = jnp.einsum('bkgqs,bskh->bqkgh', probs / jnp.maximum(row_sum, 1e-30)[..., None],
-                   v.astype(jnp.float32))
-  lse = jnp.where(row_sum > 0, row_max[..., 0] + jnp.log(row_sum), -jnp.inf)
-  batch, q_len, heads, head_dim = q.shape
-  return out.reshape(q.shape).astype(jnp.float32), _heads_last(lse).reshape(batch, q_len, heads)
-
-
-def _heads_last(x):  # [batch, kv_heads, group, q_len] -> [batch, q_len, kv_heads, group]
-  return x.transpose(0, 3, 1, 2)
-
-
-def _dense_grads(q, k, v, q_seg, kv_seg, causal, out, lse, d_out):
-  batch, q_len, heads, head_dim = q.shape
-  kv_heads = k.shape[2]
-  grouped = lambda x: x.reshape(batch, q_len, kv_heads, heads // kv_heads, *x.shape[3:])
-  scores, mask = _dense_scores(q, k, q_seg, kv_seg, causal)
-  lse = grouped(lse).transpose(0, 2, 3, 1)  # [batch, kv_heads, group, q_len]
-  probs = jnp.where(mask, jnp.exp(scores - lse[..., None]), 0.0)
-  d_out = grouped(d_out.astype(jnp.float32))
-  delta = jnp.einsum('bqkgh,bqkgh->bkgq', d_out, grouped(out))
-  d_v = jnp.einsum('bkgqs,bqkgh->bskh', probs, d_out)
-  d_probs = jnp.einsum('bqkgh,bskh->bkgqs', d_out, v.astype(jnp.float32))
-  d_scores = probs * (d_probs - delta[..., None]) * head_dim**-0.5
-  d_q = jnp.einsum('bkgqs,bskh->bqkgh', d_scores, k.astype(jnp.float32)).reshape(q.shape)
-  d_k = jnp.einsum('bkgqs,bqkgh->bskh', d_scores, grouped(q.astype(jnp.float32)))
-  return d_q, d_k, d_v
-
-
-def _to_blocks(x, block, pad_value=0):
-  """[batch, length, ...] -> [batch, blocks, block, ...], padded at the end."""
-  pad = -x.shape[1] % block
-  x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=pad_value)
-  return x.reshape(x.shape[0], x.shape[1] // block, block, *x.shape[2:])
-
-
-def _blockwise_inputs(q, k, v, q_seg, kv_seg, block):
-  batch, _, heads, head_dim = q.shape
-  kv_heads = k.shape[2]
-  q = _to_blocks(q, block).reshape(batch, -1, block, kv_heads, heads // kv_heads, head_dim)
-  # Padded keys get segment -1 and padded queries -2: they never match anything real.
-  return (q, _to_blocks(k, block), _to_blocks(v,
-                                              block), _to_blocks(q_seg, block,
-                                                                 -2), _to_blocks(kv_seg, block, -1))
-
-
-def _blockwise_forward(q, k, v, q_seg, kv_seg, causal, block):
-  batch, q_len, heads, head_dim = q.shape
-  out, residuals = attention_lib._flash_forward(*_blockwise_inputs(q, k, v, q_seg, kv_seg, block),
-                                                causal)
-  lse = jnp.moveaxis(residuals[-1], -1, 2).reshape(batch, -1, heads)[:, :q_len]
-  out = out.reshape(batch, -1, heads, head_dim)[:, :q_len]
-  return out.astype(jnp.float32), jnp.where(jnp.isinf(lse), -jnp.inf, lse)
-
-
-def _blockwise_grads(q, k, v, q_seg, kv_seg, causal, out, lse, d_out, block):
-  batch, q_len, heads, head_dim = q.shape
-  kv_heads = k.shape[2]
-  inputs = _blockwise_inputs(q, k, v, q_seg, kv_seg, block)
-  grouped = lambda x: _to_blocks(x, block).reshape(batch, -1, block, kv_heads, heads // kv_heads, *x
-                                                   .shape[3:])
-  # lse [batch, blocks, kv_heads, group, block]; +inf (a query seeing nothing) -> no probabilities
-  lse = jnp.moveaxis(grouped(jnp.where(jnp.isfinite(lse), lse, jnp.inf)), 2, -1)
-  d_q, d_k, d_v = attention_lib._flash_grads((*inputs, grouped(out), lse), grouped(d_out), causal)
-  unblock = lambda x, like: x.reshape(batch, -1, *like.shape[2:])[:, :like.shape[1]]
-  return unblock(d_q, q), unblock(d_k, k), unblock(d_v, v)
-
-
-def _step_functions(implementation, block):
-  """(forward, grads) of one step for an implementation of attention.py."""
-  if implementation == 'reference':
-    return _dense_forward, _dense_grads
-  return (functools.partial(_blockwise_forward,
-                            block=block), functools.partial(_blockwise_grads, block=block))
 
 
 # ---------------------------------------------------------------------------
@@ -402,17 +306,22 @@ def attention(q, k, v, segment_ids=None, *, implementation: str, mode: str, bloc
   mesh, rules = sharding_lib.current_mesh_and_rules()
   axes = _mesh_axes('length', rules)
   shards = sequence_shards()
-  if segment_ids is None:
+  segments = segment_ids is not None
+  if not segments:
     segment_ids = jnp.ones(q.shape[:2], jnp.int32)
   if implementation == 'splash':
     local = q.shape[1] // shards
     block = block_size or next(size for size in (512, 256, 128) if local % size == 0)
     return _splash(q, k, v, segment_ids, mesh=mesh, rules=rules, axes=axes, shards=shards,
                    block=block, interpret=interpret)
-  block = min(block_size or attention_lib.BLOCKWISE_BLOCK, q.shape[1] // (2 * shards))
-  run = functools.partial(_chip_attention, _step_functions(implementation, block), axes, shards,
-                          mode)
+  chunk = q.shape[1] // (2 * shards)
+  default_block = attention_lib.KERNEL_BLOCK if implementation == 'triton' else (
+      attention_lib.BLOCKWISE_BLOCK)
+  block = min(block_size or default_block, chunk)
+  step_fns = partial_attention.step_functions(implementation, block=block, segments=segments,
+                                              interpret=interpret)
+  run = functools.partial(_chip_attention, step_fns, axes, shards, mode)
   heads = sharding_lib.logical_to_mesh(('batch', 'length', 'act_heads', None), rules)
-  segments = sharding_lib.logical_to_mesh(('batch', 'length'), rules)
-  return jax.shard_map(run, mesh=mesh, in_specs=(heads, heads, heads, segments), out_specs=heads,
+  tokens = sharding_lib.logical_to_mesh(('batch', 'length'), rules)
+  return jax.shard_map(run, mesh=mesh, in_specs=(heads, heads, heads, tokens), out_specs=heads,
                        check_vma=False)(q, k, v, segment_ids)

@@ -75,7 +75,7 @@ def validate(config, mesh_sizes: dict, platform: str) -> model_lib.ModelConfig:
       'often to run them.')
   check(
       mesh_sizes['sequence'] == 1 or model_config.context_parallel == 'all_gather' or
-      model_config.attention in ('reference', 'blockwise'),
+      model_config.attention in ('reference', 'blockwise', 'triton'),
       f'model.context_parallel=ring passes partial softmax statistics between chips, which '
       f'model.attention={model_config.attention} cannot return; use model.attention=blockwise '
       'or model.context_parallel=all_gather.')

@@ -128,7 +128,7 @@ def compiled_attention(implementation, mode, sizes, length=64, heads=4, kv_heads
                  out_shardings=(sharding,) * 3).lower(q, k, v).compile().as_text()
 
 
-@pytest.mark.parametrize('implementation', ['reference', 'blockwise'])
+@pytest.mark.parametrize('implementation', ['reference', 'blockwise', 'triton'])
 @pytest.mark.parametrize('mode', context_parallel.MODES)
 def test_no_chip_holds_the_queries_of_a_whole_sequence(implementation, mode):
   """On (fsdp 2, sequence 4) a chip holds one of the 2 rows, a quarter of its 64 tokens:
@@ -180,34 +180,60 @@ def test_splash_mask_answers_every_block_as_the_dense_causal_mask_does(block):
       np.testing.assert_array_equal(mask[window], dense[window])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize('sizes', [MESHES[0], MESHES[2]])  # 4 and 2 sequence shards
-def test_splash_attends_each_chip_s_own_queries_in_interpret_mode(sizes):
-  """The TPU kernel (Pallas' interpreter) with q_seq_shards over `sequence`: output and
-  gradients of the laid-out sequence equal the reference's on the natural one."""
-  shards, length = sizes[2], 512
+def assert_laid_out_kernel_equals_the_reference(sizes, implementation, *, length, head_dim,
+                                                document_rate, block, mode='all_gather'):
+  """Output and gradients of the laid-out sequence (GQA: 4 heads, 2 key/value heads) equal
+  the reference's on the natural one; document_rate None: unpacked rows."""
+  shards = sizes[2]
   keys = jax.random.split(jax.random.PRNGKey(1), 5)
-  q = jax.random.normal(keys[0], (2, length, 4, 8))
-  k, v = (jax.random.normal(key, (2, length, 2, 8)) for key in keys[1:3])
-  segments = (jnp.cumsum(jax.random.bernoulli(keys[3], 0.02, (2, length)), 1) + 1).astype(jnp.int32)
+  q = jax.random.normal(keys[0], (2, length, 4, head_dim))
+  k, v = (jax.random.normal(key, (2, length, 2, head_dim)) for key in keys[1:3])
+  segments = None
+  if document_rate:
+    segments = (jnp.cumsum(jax.random.bernoulli(keys[3], document_rate,
+                                                (2, length)), 1) + 1).astype(jnp.int32)
   cotangent = jax.random.normal(keys[4], q.shape)
   mesh = make_mesh(sizes)
 
-  def splash(q, k, v):
+  def kernel(q, k, v):
     with sharding_lib.activation_sharding(mesh, RULES):
       q, k, v, seg, ct = context_parallel.to_layout((q, k, v, segments, cotangent), shards)
-      out = attention_lib.attention(q, k, v, seg, seg, implementation='splash', block_size=128)
+      out = attention_lib.attention(q, k, v, seg, seg, implementation=implementation,
+                                    block_size=block, context_parallel=mode)
       return jnp.sum(out * ct), context_parallel.from_layout(out, shards)
 
   def reference(q, k, v):
     out = attention_lib.reference_attention(q, k, v, segments, segments)
     return jnp.sum(out * cotangent), out
 
-  (_, got), grads = jax.jit(jax.value_and_grad(splash, (0, 1, 2), has_aux=True))(q, k, v)
+  (_, got), grads = jax.jit(jax.value_and_grad(kernel, (0, 1, 2), has_aux=True))(q, k, v)
   (_, want), want_grads = jax.value_and_grad(reference, (0, 1, 2), has_aux=True)(q, k, v)
   np.testing.assert_allclose(got, want, atol=1e-5)
   for grad, want_grad in zip(grads, want_grads):
     np.testing.assert_allclose(grad, want_grad, atol=2e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sizes', [MESHES[0], MESHES[2]])  # 4 and 2 sequence shards
+def test_splash_attends_each_chip_s_own_queries_in_interpret_mode(sizes):
+  """The TPU kernel (Pallas' interpreter) with q_seq_shards over `sequence`."""
+  assert_laid_out_kernel_equals_the_reference(sizes, 'splash', length=512, head_dim=8,
+                                              document_rate=0.02, block=128)
+
+
+@pytest.mark.parametrize('sizes,mode,packed', [
+    (MESHES[0], 'all_gather', True),
+    pytest.param(MESHES[0], 'ring', False, marks=pytest.mark.slow),
+    pytest.param(MESHES[1], 'ring', True, marks=pytest.mark.slow),
+    pytest.param(MESHES[2], 'all_gather', False, marks=pytest.mark.slow),
+])
+def test_triton_attends_each_chip_s_own_queries_in_interpret_mode(sizes, mode, packed):
+  """The GPU kernel (Pallas' interpreter) on each chip's chunks, forward with its
+  log-sum-exp and backward given the row's; packed rows (documents of about 25 tokens, most
+  crossing a chunk's edge) run their other-chip steps blockwise."""
+  assert_laid_out_kernel_equals_the_reference(sizes, 'triton', length=128, head_dim=16,
+                                              document_rate=0.04 if packed else None, block=16,
+                                              mode=mode)
 
 
 def test_ring_with_a_kernel_is_a_clear_error():
@@ -217,8 +243,9 @@ def test_ring_with_a_kernel_is_a_clear_error():
   config.model.attention = 'splash'
   with pytest.raises(ConfigError, match='context_parallel=ring .* model.attention=splash cannot'):
     experiment.validate(config, dict(data=1, fsdp=1, sequence=4, tensor=1), 'tpu')
-  config.model.attention = 'blockwise'
-  experiment.validate(config, dict(data=1, fsdp=1, sequence=4, tensor=1), 'tpu')
+  for attention in ('triton', 'blockwise'):  # they return their log-sum-exp
+    config.model.attention = attention
+    experiment.validate(config, dict(data=1, fsdp=1, sequence=4, tensor=1), 'gpu')
   config.train.seq_len, config.train.loss_chunks = 2044, 1  # 4 divides it, 8 chunks do not
   with pytest.raises(ConfigError, match=r'divisible by 2 x mesh.sequence \(8\)'):
     experiment.validate(config, dict(data=1, fsdp=1, sequence=4, tensor=1), 'tpu')

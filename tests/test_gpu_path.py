@@ -69,6 +69,24 @@ def test_triton_attention_is_a_triton_kernel_for_sm90():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('packed', [False, True])
+def test_triton_kernels_see_only_a_gpu_s_own_chunks_under_sequence(packed):
+  """8 H100s, sequence 8, 4096 tokens: every Triton kernel of the step (forward, dq,
+  dk/dv) takes a GPU's two chunks of 256 tokens or one, queries and keys alike; gathered
+  queries (the whole sequence attended on every GPU) would give it 4096. With packed
+  documents only the GPU's own chunks (512 tokens) run in the kernel, the rest blockwise."""
+  config = llama_shaped(8, 1, dim=256, seq_len=4096, n_layers=1, sequence=8)
+  config.model.attention, config.data.segment_mask = 'triton', packed
+  compiled, _ = compile_for('h100-8', config)
+  kernels = [
+      line for line in compiled.as_text().splitlines()
+      if 'custom_call_target="__gpu$xla.gpu.triton"' in line
+  ]
+  lengths = {int(length) for line in kernels for length in re.findall(r'\[1,(\d+),4,64\]', line)}
+  assert len(kernels) >= 3 and lengths == ({512} if packed else {256, 512}), (len(kernels), lengths)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh', MESHES)
 def test_weak_scaling_keeps_the_memory_per_gpu(mesh):
   """4x the GPUs (16 to 64) and 4x the global batch: each GPU's temporaries stay within
