@@ -163,7 +163,8 @@ def build(config, devices) -> Experiment:
   train_step = steps.jit_train_step(
       mesh, rules, shardings, graphdef=graphdef, optimizer=optimizer,
       learning_rate=optim.learning_rate_schedule(config.optim, config.train.steps),
-      microbatches=config.train.microbatches, z_loss=config.train.z_loss, **loss_options)
+      clip_norm=config.optim.clip_norm, microbatches=config.train.microbatches,
+      z_loss=config.train.z_loss, **loss_options)
   params_shardings = steps.all_params(shardings)
   eval_step = steps.jit_eval_step(mesh, rules, params_shardings, graphdef=graphdef, **loss_options)
   return Experiment(model_config, mesh, rules, optimizer, abstract, shardings, params_shardings,

@@ -10,8 +10,8 @@ parameters; the base is frozen in the compute dtype, with no gradient and no opt
 The trained parameters are stored in train.param_dtype; when that is bfloat16 a float32
 master copy (optim.master_memory) receives the update, or, without one, the update is
 computed in float32 and rounded into the bfloat16 weights. State held in host memory
-(optim.master_memory / optim.state_memory = host) is moved to the device for the update;
-the jitted step's output shardings put it back (docs/memory.md).
+(optim.master_memory / optim.state_memory = host) is updated a layer at a time, each
+layer's slices moved to the device and back (host_update.py, docs/memory.md).
 """
 
 import functools
@@ -24,6 +24,7 @@ from flax import nnx
 
 from llama_jax import context_parallel
 from llama_jax import cross_entropy
+from llama_jax import host_update
 from llama_jax import lora
 from llama_jax import model as model_lib
 from llama_jax import optim
@@ -114,10 +115,11 @@ def token_losses(params, graphdef, batch, z_loss: float, segment_mask: bool, los
 
 
 def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: int, z_loss: float,
-               segment_mask: bool, loss_chunks: int, learning_rate, on_host=()):
+               segment_mask: bool, loss_chunks: int, learning_rate, clip_norm: float, on_host=()):
   """One optimizer step on `batch` (dict of [batch, length] arrays); returns state, metrics.
 
-  on_host: the names of the state's fields held in host memory ('master', 'opt_state').
+  on_host: the names of the state's fields held in host memory ('master', 'opt_state');
+  clip_norm: the optimizer's gradient clipping, which their layer-by-layer update applies.
   """
 
   # Every loss is divided by the batch's total weight up front: the gradients come out
@@ -146,29 +148,27 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: i
         0, 1)
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(())), jax.tree.map(split, batch))
-  grads = optim.cast(grads, jnp.float32)  # in param_dtype (accumulated so), updates in float32
-  grad_norm = optax.tree.norm(grads)
+  grad_norm = optax.tree.norm(optim.cast(grads, jnp.float32))  # grads: in param_dtype
 
   # A non-finite step keeps the old values, chosen per element: one elementwise pass over
   # each leaf that XLA writes into the donated buffers. (A lax.cond between two whole new
   # trees made XLA's GPU compiler keep three extra float32 copies of the parameters.)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep_if_bad = lambda new, old: jnp.where(finite, new, old)
-  # The update goes to the float32 master, or to the float32 values of the stored params
-  # (no copy when they are float32), then is rounded into the stored dtype.
-  # Host-held fields come to the device here, after the backward pass has freed its memory.
-  to_device = lambda field: jax.device_put(getattr(state, field), jax.memory.Space.Device)
-  state = state.replace(**{field: to_device(field) for field in on_host})
-  master = state.master if state.master else optim.cast(state.params, jnp.float32)
-  updates, opt_state = optimizer.update(grads, state.opt_state, master)
-  master = optax.apply_updates(master, updates)
-  params = jax.tree.map(lambda new, old: keep_if_bad(new.astype(old.dtype), old), master,
-                        state.params)
-  opt_state = jax.tree.map(keep_if_bad, opt_state, state.opt_state)
-  if state.master:
-    master = jax.tree.map(keep_if_bad, master, state.master)
+  if on_host:
+    params, opt_state, master = host_update.update(optimizer, grads, grad_norm, clip_norm,
+                                                   state.params, state.opt_state, state.master,
+                                                   finite, on_host)
   else:
-    master = state.master
+    keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+    # The update goes to the float32 master, or to the float32 values of the stored params
+    # (no copy when they are float32), then is rounded into the stored dtype.
+    master = state.master if state.master else optim.cast(state.params, jnp.float32)
+    updates, opt_state = optimizer.update(optim.cast(grads, jnp.float32), state.opt_state, master)
+    master = optax.apply_updates(master, updates)
+    params = jax.tree.map(lambda new, old: keep_if_bad(new.astype(old.dtype), old), master,
+                          state.params)
+    opt_state = jax.tree.map(keep_if_bad, opt_state, state.opt_state)
+    master = jax.tree.map(keep_if_bad, master, state.master) if state.master else state.master
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, master=master,
                             bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
                             skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
@@ -189,7 +189,7 @@ def eval_step(params, batch, token_bytes, *, graphdef, segment_mask: bool, loss_
   return nll, weight, jnp.sum(token_bytes[batch['targets']] * batch['weights'])
 
 
-def jit_train_step(mesh, rules, state_shardings, *, graphdef, optimizer, learning_rate,
+def jit_train_step(mesh, rules, state_shardings, *, graphdef, optimizer, learning_rate, clip_norm,
                    microbatches, z_loss, segment_mask, loss_chunks):
   """The train step, jitted with the state's shardings and its buffers donated."""
   on_host = tuple(field for field in ('master', 'opt_state') if any(
@@ -199,7 +199,8 @@ def jit_train_step(mesh, rules, state_shardings, *, graphdef, optimizer, learnin
     with sharding_lib.activation_sharding(mesh, rules):
       return train_step(state, batch, graphdef=graphdef, optimizer=optimizer,
                         microbatches=microbatches, z_loss=z_loss, segment_mask=segment_mask,
-                        loss_chunks=loss_chunks, learning_rate=learning_rate, on_host=on_host)
+                        loss_chunks=loss_chunks, learning_rate=learning_rate, clip_norm=clip_norm,
+                        on_host=on_host)
 
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -26,7 +26,8 @@ def lowered_step(model):
   step = steps.jit_train_step(mesh, RULES, shardings, graphdef=steps.graphdef_of(model),
                               optimizer=optimizer,
                               learning_rate=optim.learning_rate_schedule(optim_config(), 10),
-                              microbatches=1, z_loss=1e-4, segment_mask=True, loss_chunks=2)
+                              clip_norm=optim_config().clip_norm, microbatches=1, z_loss=1e-4,
+                              segment_mask=True, loss_chunks=2)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_batch())
   return step.lower(abstract, batch).as_text(dialect='hlo')
 

@@ -58,8 +58,8 @@ def run_step(mesh_sizes, batch, microbatches=1, devices=None, loss_chunks=1, mod
   step = steps.jit_train_step(mesh, RULES, shardings, graphdef=steps.graphdef_of(model),
                               optimizer=optimizer,
                               learning_rate=optim.learning_rate_schedule(optim_config(), 10),
-                              microbatches=microbatches, z_loss=1e-4, segment_mask=True,
-                              loss_chunks=loss_chunks)
+                              clip_norm=optim_config().clip_norm, microbatches=microbatches,
+                              z_loss=1e-4, segment_mask=True, loss_chunks=loss_chunks)
   batch = jax.device_put(batch, sharding_lib.batch_sharding(mesh, RULES))
   return step(state, batch)
 
