@@ -68,9 +68,10 @@ def update(optimizer, grads, grad_norm, clip_norm: float, params, opt_state, mas
   trees = (grads, params, opt_state, master)
   rest = update_part(*_part(trees, None))  # embeddings, output, norm, step counts: whole
 
+  in_host_memory = (False, 'opt_state' in on_host, 'master' in on_host)
+
   def update_layer(layer, stacked):  # stacked: (params, opt_state, master), whole trees
     new = update_part(*_part((grads, *stacked), layer))
-    home = [False, 'opt_state' in on_host, 'master' in on_host]
 
     def write(path, buffer, value):
       if not _in_layer_stack(path) or buffer.ndim == 0:
@@ -81,7 +82,7 @@ def update(optimizer, grads, grad_norm, clip_norm: float, params, opt_state, mas
         jax.tree_util.tree_map_with_path(
             write, buffer,
             jax.device_put(value, jax.memory.Space.Host) if host else value)
-        for buffer, value, host in zip(stacked, new, home))
+        for buffer, value, host in zip(stacked, new, in_host_memory))
 
   layer_leaves = [
       x for path, x in jax.tree_util.tree_leaves_with_path(params) if _in_layer_stack(path)
