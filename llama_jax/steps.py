@@ -10,8 +10,8 @@ parameters; the base is frozen in the compute dtype, with no gradient and no opt
 The trained parameters are stored in train.param_dtype; when that is bfloat16 a float32
 master copy (optim.master_memory) receives the update, or, without one, the update is
 computed in float32 and rounded into the bfloat16 weights. State held in host memory
-(optim.master_memory / optim.state_memory = host) is updated a layer at a time, each
-layer's slices moved to the device and back (host_update.py, docs/memory.md).
+(optim.master_memory / optim.state_memory = host) is updated a slice at a time, each
+slice moved to the device and back (host_update.py, docs/memory.md).
 """
 
 import functools
@@ -115,11 +115,13 @@ def token_losses(params, graphdef, batch, z_loss: float, segment_mask: bool, los
 
 
 def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: int, z_loss: float,
-               segment_mask: bool, loss_chunks: int, learning_rate, clip_norm: float, on_host=()):
+               segment_mask: bool, loss_chunks: int, learning_rate, clip_norm: float, on_host=(),
+               param_shardings=None):
   """One optimizer step on `batch` (dict of [batch, length] arrays); returns state, metrics.
 
-  on_host: the names of the state's fields held in host memory ('master', 'opt_state');
-  clip_norm: the optimizer's gradient clipping, which their layer-by-layer update applies.
+  on_host: the names of the state's fields held in host memory ('master', 'opt_state'),
+  updated slice by slice by host_update.py, which clips the gradients by clip_norm (the
+  optimizer's clipping) itself and slices along the axes param_shardings leaves whole.
   """
 
   # Every loss is divided by the batch's total weight up front: the gradients come out
@@ -155,9 +157,8 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, microbatches: i
   # trees made XLA's GPU compiler keep three extra float32 copies of the parameters.)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   if on_host:
-    params, opt_state, master = host_update.update(optimizer, grads, grad_norm, clip_norm,
-                                                   state.params, state.opt_state, state.master,
-                                                   finite, on_host)
+    params, opt_state, master = host_update.update(optimizer, grads, grad_norm, clip_norm, state,
+                                                   finite, on_host, param_shardings)
   else:
     keep_if_bad = lambda new, old: jnp.where(finite, new, old)
     # The update goes to the float32 master, or to the float32 values of the stored params
@@ -200,7 +201,7 @@ def jit_train_step(mesh, rules, state_shardings, *, graphdef, optimizer, learnin
       return train_step(state, batch, graphdef=graphdef, optimizer=optimizer,
                         microbatches=microbatches, z_loss=z_loss, segment_mask=segment_mask,
                         loss_chunks=loss_chunks, learning_rate=learning_rate, clip_norm=clip_norm,
-                        on_host=on_host)
+                        on_host=on_host, param_shardings=state_shardings.params)
 
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

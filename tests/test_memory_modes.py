@@ -191,25 +191,28 @@ def test_host_state_updates_like_state_on_the_device(curve):
                                err_msg=jax.tree_util.keystr(path))
 
 
-def test_host_state_leaves_the_device():
+@pytest.mark.parametrize('dim,layers,vocab', [(512, 8, 128), (256, 2, 65536)])
+def test_host_state_leaves_the_device(dim, layers, vocab):
   """Adam moments in host memory (optim.state_memory=host), compiled for one v5p chip: the
-  device's memory drops by at least 90% of the moments' bytes, because the update brings
-  one layer's slices to the device at a time. (Moving the whole tree in, as before, held
-  it all on the device and saved nothing: 648 MB against float32's 477 MB here.)
-  The model is wide and shallow enough for the moments to dominate: 8 layers of width 512,
-  25M parameters, 203 MB of moments."""
+  device's memory drops by at least 80% of the moments' bytes, because the update brings
+  one slice of them to the device at a time (moving the whole tree held more than float32
+  on the device: 648 MB against 477 MB for the first model; streaming only the layer
+  stack held 904 MB against 551 for the second). The models are wide enough for the
+  moments to dominate: 8 layers of width 512 (25M parameters, 203 MB of moments), and 2
+  layers with a 65536-token vocabulary (35M parameters, most in the embedding and output,
+  whose slices are taken along the vocabulary and the width)."""
   pytest.importorskip('libtpu', reason="needs pip install -e '.[tpu]'")
   devices = aot.topology_devices('v5p-2')[1]
   memory = {}
   for mode in ('float32', 'state_host'):
     config = tiny_config(MODES.get(mode, {}))
-    config.model.update(dim=512, n_layers=8)
+    config.model.update(dim=dim, n_layers=layers, vocab_size=vocab)
     config.train.update(batch_size=1)
     memory[mode], built = aot.compile_train_step(config, devices)
     memory[mode] = aot.memory_per_chip(memory[mode])
   moments = 2 * 4 * built.n_params
   assert memory['state_host']['host'] >= moments
-  assert memory['state_host']['total'] < memory['float32']['total'] - 0.9 * moments, memory
+  assert memory['state_host']['total'] < memory['float32']['total'] - 0.8 * moments, memory
 
 
 def offload_memory(topology: str) -> dict:
