@@ -283,28 +283,32 @@ def test_bad_harness_inputs_are_one_sentence(model, tokenizer, tmp_path):
   assert done.returncode != 0 and 'error: no checkpoints in' in done.stderr
 
 
-@pytest.mark.slow
-def test_tasks_run_during_training(corpus_dirs, small_config, task_dir, tmp_path, metrics_rows):
+@pytest.fixture(scope='module')
+def run_with_tasks(corpus_dirs, small_config, tmp_path_factory, task_dir):
+  """(workdir, last metrics): 2 steps that evaluate two tasks at step 2 and save step 2."""
   config = small_config(*corpus_dirs, **{'train.steps': 2, 'train.eval_every': 2})
   config.train.eval_tasks = (TASK, 'local_choice')
   config.train.eval_task_dir = task_dir
-  last = train_loop.train(config, str(tmp_path / 'run'))
+  workdir = tmp_path_factory.mktemp('run')
+  return workdir, train_loop.train(config, str(workdir))
+
+
+@pytest.mark.slow
+def test_tasks_run_during_training(run_with_tasks, metrics_rows):
+  workdir, last = run_with_tasks
   assert {
       'task/example_task/accuracy', 'task/example_task/accuracy_norm', 'task/local_choice/acc',
       'task/local_choice/acc_norm'
   } <= set(last)
-  rows = metrics_rows(tmp_path / 'run')
+  rows = metrics_rows(workdir)
   assert any('task/local_choice/acc' in row for row in rows)
 
 
 @pytest.mark.slow
-def test_lm_evals_own_command_line_runs_a_checkpoint(corpus_dirs, small_config, task_dir, tmp_path):
+def test_lm_evals_own_command_line_runs_a_checkpoint(run_with_tasks, task_dir, tmp_path):
+  """On the run above: its step-2 checkpoint (evaluating during training changes no weight)."""
   from llama_jax import lm_eval_model
-  workdir = tmp_path / 'run'
-  train_loop.train(small_config(*corpus_dirs, **{
-      'train.steps': 2,
-      'train.eval_every': 0
-  }), str(workdir))
+  workdir, _ = run_with_tasks
   command = [sys.executable, '-m', 'llama_jax.lm_eval_model', '--model', 'llama_jax']
   done = subprocess.run(
       command + [

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train_step import make_batch, run_step
+from test_train_step import default_step, make_batch, run_step
 
 from llama_jax import cross_entropy
 from llama_jax import model as model_lib
@@ -21,8 +21,7 @@ from llama_jax import model as model_lib
                                                     ((2, 2, 1, 2), 2)])
 def test_accelerator_branches_equal_the_cpu_branch(mesh_sizes, loss_chunks, monkeypatch):
   devices = jax.devices()[:1] if mesh_sizes == (1, 1, 1, 1) else None
-  want_state, want_metrics = run_step(mesh_sizes, make_batch(), devices=devices,
-                                      loss_chunks=loss_chunks)
+  want_state, want_metrics = default_step(mesh_sizes, loss_chunks)  # the CPU branch
   for module in (model_lib, cross_entropy):
     monkeypatch.setattr(module, 'compute_platform', lambda: 'gpu')
   projection = jax.make_jaxpr(model_lib.project)(jnp.ones((2, 3, 4)), jnp.ones((4, 5)))
