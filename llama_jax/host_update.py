@@ -72,7 +72,7 @@ def _slices(x, axis: int, at_most: int) -> int | None:
 def streams(params, param_shardings) -> list[Stream]:
   """The layer stack a layer at a time (the leaves of three or more axes; the norm scales,
   [layers, embed], are small and updated whole), then every other parameter larger than
-  one layer along an axis the mesh does not split, in slices no larger than one layer."""
+  one layer that the mesh does not split (one device), in slices no larger than a layer."""
   leaves = [(_name(path), x) for path, x in jax.tree_util.tree_leaves_with_path(params)]
   stacked = {name: x for name, x in leaves if name[:1] == ('layers',) and x.ndim > 2}
   layers = {x.shape[0] for x in stacked.values()}
@@ -85,10 +85,11 @@ def streams(params, param_shardings) -> list[Stream]:
           param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
   }
   for name, x in leaves:
-    if name[:1] == ('layers',) or x.size <= layer_size:
+    # Only parameters the mesh leaves whole: a TPU may lay a sharded one out with its first
+    # axis minor (seen for an embedding under fsdp), and no slice of that can be written.
+    if name[:1] == ('layers',) or x.size <= layer_size or max(_splits(shardings[name], x.ndim)) > 1:
       continue
-    splits = _splits(shardings[name], x.ndim)
-    for axis in (axis for axis in range(x.ndim) if splits[axis] == 1):
+    for axis in range(x.ndim):
       slices = _slices(x, axis, layer_size)
       if slices:
         found.append(Stream(frozenset([name]), axis, slices))
