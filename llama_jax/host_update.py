@@ -3,12 +3,13 @@
 With the float32 master copy or the Adam moments in host memory (optim.master_memory /
 optim.state_memory = host, JAX's `pinned_host`), moving the whole tree to the device for
 the update would hold all of it there at once, and the device's peak would not drop. So
-the update runs in loops instead: one over the layer stack, a layer at a time, and one
-for each other parameter larger than a layer (a large vocabulary's embedding and output),
-in slices no larger than a layer along an axis the mesh does not split. Each iteration
-brings one slice of the parameters, gradients, master and moments to the device, updates
-it, and writes it back into the host buffers in place (a dynamic-update-slice of the
-donated buffer). The small rest (norm scales, step counts) is updated whole, once.
+the update runs in loops instead: one over the layer stack, a layer at a time, and, on
+one device, one for each other parameter larger than a layer (a large vocabulary's
+embedding and output), in slices no larger than a layer. Each iteration brings one slice
+of the parameters, gradients, master and moments to the device, updates it, and writes it
+back into the host buffers in place (a dynamic-update-slice of the donated buffer). The
+rest (norm scales, step counts, and on a mesh the parameters outside the stack) is
+updated whole, once.
 
 Every update is the same optax update as on the device, on a part of each tree: the parts
 keep the trees' structure, with the leaves outside the part cut to zero length, and the
