@@ -13,6 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from llama_jax import cpu_products
 from llama_jax.sharding import compute_platform, constrain
 
 
@@ -56,9 +57,11 @@ def _chunk_losses(x, w, targets, weights, z_loss):
   dlogits = (weights * (1 + 2 * z_loss * log_z))[..., None] * softmax
   dlogits = dlogits - weights[..., None] * jax.nn.one_hot(targets, w.shape[1], dtype=jnp.float32)
   dlogits = dlogits.astype(x.dtype)
-  # On CPU a float32 result is XLA:CPU's fast bfloat16 product (cpu_products.py).
-  dx_type = jnp.float32 if compute_platform() == 'cpu' else None
-  dx = jnp.matmul(dlogits, w.T, preferred_element_type=dx_type).astype(x.dtype).reshape(shape)
+  if compute_platform() == 'cpu':  # in the form of XLA:CPU's fast bfloat16 products
+    dx = cpu_products.einsum('tv,ev->te', dlogits, w, preferred_element_type=jnp.float32)
+    dw = cpu_products.einsum('te,tv->ev', x, dlogits, preferred_element_type=jnp.float32)
+    return loss_sum, nll_sum, dx.astype(x.dtype).reshape(shape), dw
+  dx = jnp.matmul(dlogits, w.T).astype(x.dtype).reshape(shape)
   tokens = tuple(range(x.ndim - 1))
   dw = jnp.tensordot(x, dlogits, axes=(tokens, tokens), preferred_element_type=jnp.float32)
   return loss_sum, nll_sum, dx, dw

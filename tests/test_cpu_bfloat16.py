@@ -17,7 +17,7 @@ from llama_jax import sharding as sharding_lib
 
 
 def lowered_step(model):
-  """The single-device train step of `model`, lowered (not compiled): unoptimized HLO text."""
+  """The single-device train step of `model`, lowered (not compiled)."""
   mesh_config = ml_collections.ConfigDict(dict.fromkeys(sharding_lib.MESH_AXES, 1))
   mesh = sharding_lib.make_mesh(mesh_config, jax.devices()[:1])
   optimizer = optim.make_optimizer(optim_config(), train_steps=10)
@@ -29,7 +29,7 @@ def lowered_step(model):
                               clip_norm=optim_config().clip_norm, microbatches=1, z_loss=1e-4,
                               segment_mask=True, loss_chunks=2)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_batch())
-  return step.lower(abstract, batch).as_text(dialect='hlo')
+  return step.lower(abstract, batch)
 
 
 # The CPU's attention (reference) and the memory-efficient one, with tiny's remat policy.
@@ -39,7 +39,7 @@ def test_every_bfloat16_product_of_the_cpu_step_returns_float32(attention):
   product returns float32; a bfloat16 result, or a float32 x bfloat16 product (autodiff's
   transpose of a float32-returning one), takes a slower path."""
   model = dataclasses.replace(MODEL, dtype='bfloat16', attention=attention, remat='save_dots')
-  types = hlo.dot_types(lowered_step(model))
+  types = hlo.dot_types(lowered_step(model).as_text(dialect='hlo'))
   bfloat16_products = [t for t in types if t[:2] == ('bf16', 'bf16')]
   # forward, backward and recomputed projections, attention and the loss: dozens of them
   assert len(bfloat16_products) > 20
@@ -47,6 +47,32 @@ def test_every_bfloat16_product_of_the_cpu_step_returns_float32(attention):
   assert not [t for t in types if 'bf16' in t[:2] and t[0] != t[1]]  # no mixed products
   if attention == 'reference':  # (blockwise's backward forms one float32 x float32 row sum)
     assert set(types) == {('bf16', 'bf16', 'f32')}
+
+
+def test_xla_keeps_every_product_of_the_compiled_cpu_step_in_bfloat16():
+  """After XLA:CPU's passes too, every product is bfloat16 x bfloat16 -> float32: none was
+  upcast for an operand in a layout its fast kernels do not take (the weight gradients,
+  which contract the token axis, and the products of transposed attention operands were,
+  16 of 37, before the operands were laid out for them)."""
+  model = dataclasses.replace(MODEL, dtype='bfloat16', attention='reference', remat='save_dots')
+  types = hlo.dot_types(lowered_step(model).compile().as_text())
+  assert len(types) > 20
+  assert set(types) == {('bf16', 'bf16', 'f32')}
+
+
+def test_library_product_equals_einsum_in_float32():
+  """Operands moved into [batch, kept, contracted] x [batch, contracted, kept], swapped
+  when the output lists the second operand's axes first: the same product."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.bfloat16)
+  y = jnp.asarray(rng.normal(size=(2, 3, 6, 5)), jnp.bfloat16)
+  for subscripts in ['bqkh,bksq->bkhs', 'bqkh,bksq->bksh']:
+    got = jax.jit(lambda x, y, s=subscripts: cpu_products.library_product(s, x, y))(x, y)
+    want = np.einsum(subscripts, np.asarray(x, np.float32), np.asarray(y, np.float32))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='must list the batch axes'):
+    cpu_products.library_product('bqkh,bksq->bhks', x, y)
 
 
 def test_float32_einsum_gradients_equal_autodiff():
