@@ -53,8 +53,8 @@ def library_product(subscripts: str, x, y):
                      "operand's kept axes, then the other's.")
   lhs = _row_major(x, x_axes, batch + x_kept + contracted)
   rhs = _row_major(y, y_axes, batch + contracted + y_kept)
-  return jnp.einsum(f'{batch + x_kept + contracted},{batch + contracted + y_kept}->{out}', lhs,
-                    rhs, preferred_element_type=jnp.float32)
+  return jnp.einsum(f'{batch + x_kept + contracted},{batch + contracted + y_kept}->{out}', lhs, rhs,
+                    preferred_element_type=jnp.float32)
 
 
 def _row_major(array, axes: str, order: str):
