@@ -19,7 +19,7 @@ each config at its batch on the fewest H100s and H200s that hold it (powers of t
 sequence per GPU per microbatch: the least activation memory); 7B and 13B on one 8-GPU
 machine (the fewest microbatches of 16, 4 or 1 sequences per GPU that fit); and 7B on
 h100-8 with the projections' token axes flattened (the CPU layout) or kept (einsum, the
-TPU and GPU layout; see llama_jax.model.project) on three meshes, by memory and
+TPU and GPU layout; see llama_jax.projection.project) on three meshes, by memory and
 collectives per GPU.
 
 --one_device prints docs/memory.md's table: each config in each memory mode on one H200,
@@ -39,7 +39,7 @@ import jax
 from absl import app, flags, logging
 
 from benchmarks import memory_modes
-from llama_jax import aot, cross_entropy, hlo
+from llama_jax import aot, cross_entropy, hlo, projection
 from llama_jax import metrics as metrics_lib
 from llama_jax import model as model_lib
 from llama_jax.errors import ConfigError
@@ -132,7 +132,7 @@ LAYOUT_MESHES = ({}, {'sequence': 2}, {'tensor': 2})  # fsdp takes the rest of t
 @contextlib.contextmanager
 def flat_tokens():
   """The CPU layout on any platform: projections and the loss flatten [batch, length]."""
-  with mock.patch.object(model_lib, 'compute_platform', lambda: 'cpu'), \
+  with mock.patch.object(projection, 'compute_platform', lambda: 'cpu'), \
       mock.patch.object(cross_entropy, 'compute_platform', lambda: 'cpu'):
     yield
 

@@ -38,7 +38,7 @@ def _chunk_losses(x, w, targets, weights, z_loss):
 
   x: [batch, chunk_len, embed]; w: [embed, vocab] in x's dtype; targets, weights:
   [batch, chunk_len]. Returns loss_sum, nll_sum, dx [batch, chunk_len, embed] and
-  dw [embed, vocab] float32. The token axes are flattened on CPU only (see model.project).
+  dw [embed, vocab] float32. The token axes are flattened on CPU only (see projection.project).
   """
   shape = x.shape
   logit_axes = ('batch', 'length', 'act_vocab')

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax.errors import ConfigError
+from llama_jax.projection import project
 
 TARGETS = ('wq', 'wk', 'wv', 'wo', 'w1', 'w2', 'w3')  # every projection of a block
 
@@ -79,8 +80,8 @@ def delta(module: nnx.Module, name: str, x, scale: float):
   if a is None:
     return 0
   a, b = a[...].astype(x.dtype), getattr(module, f'{name}_lora_b')[...].astype(x.dtype)
-  low = jnp.tensordot(x, a, axes=a.ndim - 1)  # [batch, length, rank]
-  return jnp.tensordot(low * jnp.asarray(scale, x.dtype), b, axes=1)
+  low = project(x, a, contract=a.ndim - 1)  # [batch, length, rank]
+  return project(low * jnp.asarray(scale, x.dtype), b)
 
 
 def merged_weight(weight, a, b, scale: float):

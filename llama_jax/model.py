@@ -18,7 +18,6 @@ The blocks' parameters are stacked along a leading `layers` axis and run with
 """
 
 import dataclasses
-import math
 from typing import NamedTuple
 
 import jax
@@ -27,11 +26,11 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax import attention as attention_lib
-from llama_jax import cpu_products
 from llama_jax import lora as lora_lib
 from llama_jax import rope
 from llama_jax.errors import ConfigError
-from llama_jax.sharding import compute_platform, constrain
+from llama_jax.projection import project
+from llama_jax.sharding import constrain
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -204,23 +203,6 @@ def write_rows(buffer, new, index):
   if length > 1:  # each position takes its own new token (one token simply broadcasts)
     new = jnp.take_along_axis(new, jnp.clip(offset, 0, length - 1)[expand], axis=1)
   return jnp.where(((offset >= 0) & (offset < length))[expand], new, buffer)
-
-
-def project(x, w, contract: int = 1, out_dtype=None):
-  """Contracts x's last `contract` axes with w's first ones: [batch, length, *in] @ [*in, *out].
-
-  On TPU and GPU one dot_general over the unflattened axes, so a length axis split over
-  `sequence` stays split; flattening [batch, length] there costs all-to-alls and memory
-  (docs/model.md). On CPU one 2-D matmul [batch * length, in] @ [in, out]: XLA:CPU's
-  backward of the batched form transposes activations inside fusions (1.4x slower); in
-  bfloat16 its products, forward and backward, accumulate in float32 (cpu_products.py).
-  """
-  if compute_platform() != 'cpu':
-    return jnp.tensordot(x, w, axes=contract, preferred_element_type=out_dtype)
-  lead, inner, outer = x.shape[:-contract], x.shape[-contract:], w.shape[contract:]
-  y = cpu_products.einsum('ti,io->to', x.reshape(math.prod(lead), math.prod(inner)),
-                          w.reshape(math.prod(inner), -1), preferred_element_type=out_dtype)
-  return y.reshape(*lead, *outer)
 
 
 class RMSNorm(nnx.Module):

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from test_train_step import MODEL, RULES, make_batch, optim_config
 
-from llama_jax import cpu_products, hlo, optim, steps
+from llama_jax import cpu_products, hlo, lora, optim, steps
 from llama_jax import model as model_lib
 from llama_jax import sharding as sharding_lib
 
@@ -49,12 +49,18 @@ def test_every_bfloat16_product_of_the_cpu_step_returns_float32(attention):
     assert set(types) == {('bf16', 'bf16', 'f32')}
 
 
-def test_xla_keeps_every_product_of_the_compiled_cpu_step_in_bfloat16():
+# The whole model trained, and LoRA adapters on every projection of a frozen one.
+@pytest.mark.parametrize(
+    'adapters',
+    [lora.LoRAConfig(), lora.LoRAConfig(rank=4, targets=lora.TARGETS)])
+def test_xla_keeps_every_product_of_the_compiled_cpu_step_in_bfloat16(adapters):
   """After XLA:CPU's passes too, every product is bfloat16 x bfloat16 -> float32: none was
   upcast for an operand in a layout its fast kernels do not take (the weight gradients,
   which contract the token axis, and the products of transposed attention operands were,
-  16 of 37, before the operands were laid out for them)."""
-  model = dataclasses.replace(MODEL, dtype='bfloat16', attention='reference', remat='save_dots')
+  16 of 37, before the operands were laid out for them; some of the adapters' were
+  upcast to float32 x float32 before they went through projection.project)."""
+  model = dataclasses.replace(MODEL, dtype='bfloat16', attention='reference', remat='save_dots',
+                              lora=adapters)
   types = hlo.dot_types(lowered_step(model).compile().as_text())
   assert len(types) > 20
   assert set(types) == {('bf16', 'bf16', 'f32')}

@@ -1,6 +1,6 @@
 """The model's and the loss's TPU/GPU code, executed on a CPU.
 
-`project` contracts unflattened [batch, length, ...] operands and the loss keeps its
+`projection.project` contracts unflattened [batch, length, ...] operands and the loss keeps its
 [batch, length] token axes when the platform is not a CPU; on a CPU both flatten the token
 axes into one. Here the platform the model and the loss see is forced to `gpu` (attention
 stays `reference`) and the train step must give what the CPU branch gives.
@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from test_train_step import default_step, make_batch, run_step
 
-from llama_jax import cross_entropy
-from llama_jax import model as model_lib
+from llama_jax import cross_entropy, projection
 
 
 # One device whole; every mesh axis, with chunked losses (one, four and two chunks).
@@ -22,10 +21,10 @@ from llama_jax import model as model_lib
 def test_accelerator_branches_equal_the_cpu_branch(mesh_sizes, loss_chunks, monkeypatch):
   devices = jax.devices()[:1] if mesh_sizes == (1, 1, 1, 1) else None
   want_state, want_metrics = default_step(mesh_sizes, loss_chunks)  # the CPU branch
-  for module in (model_lib, cross_entropy):
+  for module in (projection, cross_entropy):
     monkeypatch.setattr(module, 'compute_platform', lambda: 'gpu')
-  projection = jax.make_jaxpr(model_lib.project)(jnp.ones((2, 3, 4)), jnp.ones((4, 5)))
-  assert 'reshape' not in str(projection)  # the forced branch is the one traced
+  jaxpr = jax.make_jaxpr(projection.project)(jnp.ones((2, 3, 4)), jnp.ones((4, 5)))
+  assert 'reshape' not in str(jaxpr)  # the forced branch is the one traced
   state, metrics = run_step(mesh_sizes, make_batch(), devices=devices, loss_chunks=loss_chunks)
   np.testing.assert_allclose(metrics['loss'], want_metrics['loss'], rtol=1e-5)
   np.testing.assert_allclose(metrics['grad_norm'], want_metrics['grad_norm'], rtol=1e-4)
