@@ -156,7 +156,7 @@ def test_every_remat_policy_gives_the_same_gradients(scan_layers):
         **CONFIG.__dict__, 'remat': remat,
         'scan_layers': scan_layers
     })
-    grads[remat] = nnx.grad(loss_fn)(make_model(config), tokens)
+    grads[remat] = nnx.jit(nnx.grad(loss_fn))(make_model(config), tokens)
   for remat, grad in grads.items():
     for got, want in zip(jax.tree.leaves(grad), jax.tree.leaves(grads['none'])):
       np.testing.assert_allclose(got, want, atol=1e-6, err_msg=remat)

@@ -1,8 +1,9 @@
 """train.py end to end on the CPU: learning, exact resume, other meshes, two processes."""
 
-import importlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ from llama_jax import checkpoint as checkpoint_lib
 from llama_jax import model as model_lib
 from llama_jax import train_loop
 from llama_jax.errors import ConfigError, UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
@@ -25,14 +28,23 @@ def data_dir(corpus_dirs):
 
 @pytest.mark.slow
 def test_loss_decreases_on_the_builtin_corpus(tmp_path, losses):
-  """The real default: the tiny config on the Python stdlib, 50 steps."""
-  config = importlib.import_module('configs.tiny').get_config()
-  config.train.update(dict(steps=50, batch_size=8, eval_every=0))
-  config.optim.warmup_steps = 10
-  config.data.data_dir = str(tmp_path / 'tfds')
-  config.checkpoint.every_steps = 50
-  config.logging.every_steps = 5
-  train_loop.train(config, str(tmp_path / 'run'))
+  """The real default as a user runs it: `python train.py` on one CPU device, the tiny
+  config on the Python stdlib, 50 steps."""
+  overrides = {
+      'train.steps': 50,
+      'train.batch_size': 8,
+      'train.eval_every': 0,
+      'optim.warmup_steps': 10,
+      'data.data_dir': tmp_path / 'tfds',
+      'checkpoint.every_steps': 50,
+      'logging.every_steps': 5
+  }
+  command = [sys.executable, 'train.py', f'--workdir={tmp_path / "run"}'
+            ] + [f'--config.{key}={value}' for key, value in overrides.items()]
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device
+  done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "over 1 cpu devices" in done.stdout + done.stderr
   curve = losses(str(tmp_path / 'run'))
   assert curve[50] < curve[5] - 1.5, curve
   with open(tmp_path / 'run' / 'metrics.jsonl') as f:
