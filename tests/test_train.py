@@ -44,7 +44,7 @@ def test_loss_decreases_on_the_builtin_corpus(tmp_path, losses):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device
   done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert "over 1 cpu devices" in done.stdout + done.stderr
+  assert 'over 1 cpu devices' in done.stdout + done.stderr
   curve = losses(str(tmp_path / 'run'))
   assert curve[50] < curve[5] - 1.5, curve
   with open(tmp_path / 'run' / 'metrics.jsonl') as f:
