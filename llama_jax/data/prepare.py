@@ -174,11 +174,11 @@ def prepare_file(root: str, path: str, output: str, text_field: str, form: str =
     raise
   for writer in writers.values():
     writer.close()
-  for split in SPLITS:
-    partial[split].rename(output / split / f'{name}.array_record')
+  for split in SPLITS:  # replacing what a run killed between these renames left
+    partial[split].replace(output / split / f'{name}.array_record')
   done = output / 'done' / f'{name}.json'
   (output / 'done' / f'{name}.json.partial').write_text(json.dumps(counts))
-  (output / 'done' / f'{name}.json.partial').rename(done)
+  (output / 'done' / f'{name}.json.partial').replace(done)
   return counts
 
 
